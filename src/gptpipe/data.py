@@ -1,0 +1,84 @@
+"""Token files on disk and the sliding windows the model trains on.
+
+A split is a flat array of uint16 token ids (GPT-2's 50,257 ids fit), readable with
+numpy.memmap, so a window is a slice of the file, never a copy held per window.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gptpipe.errors import PipelineError
+from gptpipe.files import atomic_path
+
+TOKEN_DTYPE = np.uint16
+
+
+def write_tokens(path: str | Path, ids: list[int] | np.ndarray) -> int:
+    array = np.asarray(ids)
+    if array.size and int(array.max()) > np.iinfo(TOKEN_DTYPE).max:
+        raise PipelineError(f"token id {int(array.max())} does not fit in {np.dtype(TOKEN_DTYPE).name}")
+    with atomic_path(path) as tmp:
+        array.astype(TOKEN_DTYPE).tofile(tmp)
+    return int(array.size)
+
+
+def read_tokens(path: str | Path) -> np.ndarray:
+    """Map a token file into memory without reading it (an empty file gives an empty array)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"token file {path} not found: run the tokenize stage first (dvc repro tokenize)")
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def split_text(text: str, train_ratio: float) -> tuple[str, str]:
+    """Split by characters at int(train_ratio * len(text)), as the book does."""
+    cut = int(train_ratio * len(text))
+    return text[:cut], text[cut:]
+
+
+class TokenWindows(Dataset):
+    """Input/target pairs of `context_length` tokens, one starting every `stride` tokens.
+
+    The target is the input shifted by one token. Items are views into `tokens`.
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int):
+        self.tokens = tokens
+        self.context_length = context_length
+        self.starts = range(0, len(tokens) - context_length, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        start = self.starts[i]
+        end = start + self.context_length
+        return self.tokens[start:end], self.tokens[start + 1:end + 1]
+
+
+def collate_windows(batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = zip(*batch)
+    return (torch.from_numpy(np.stack(inputs).astype(np.int64)),
+            torch.from_numpy(np.stack(targets).astype(np.int64)))
+
+
+def window_loader(tokens: np.ndarray, context_length: int, stride: int, batch_size: int,
+                  shuffle: bool, drop_last: bool) -> DataLoader:
+    """Batches of windows. Shuffling draws from torch's global RNG, as the book's loader does,
+    so `torch.manual_seed` fixes the order."""
+    return DataLoader(TokenWindows(tokens, context_length, stride), batch_size=batch_size,
+                      shuffle=shuffle, drop_last=drop_last, collate_fn=collate_windows)
+
+
+def require_windows(n_tokens: int, context_length: int, split: str) -> None:
+    """The book's sanity check, as an error: a split must hold at least one full window."""
+    if n_tokens <= context_length:
+        raise PipelineError(
+            f"the {split} split has {n_tokens} tokens, too few for one window of "
+            f"model.context_length={context_length} (+1 for the target): lower model.context_length, "
+            f"change data.train_ratio so the {split} split gets more text, or use a larger corpus")

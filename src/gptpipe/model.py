@@ -1,0 +1,127 @@
+"""The GPT of the book's chapter 4: a GPT-2-style decoder-only transformer.
+
+Modules are created in the same order as in the book's code, so that with the same seed
+the parameters are initialised to the same values (nn.Linear and nn.Embedding defaults).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptpipe.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 256
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if getattr(self, key) < 1:
+                raise PipelineError(f"params: model.{key} must be at least 1, got {getattr(self, key)}")
+        if self.emb_dim % self.n_heads:
+            raise PipelineError(f"params: model.n_heads ({self.n_heads}) must divide model.emb_dim "
+                                f"({self.emb_dim}); e.g. emb_dim 768 with n_heads 12")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise PipelineError(f"params: model.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.emb_dim // cfg.n_heads
+        self.drop_rate = cfg.drop_rate
+        self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, heads, t, head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (self.split_heads(w(x)) for w in (self.W_query, self.W_key, self.W_value))
+        # On CPU this draws the same dropout mask on the attention weights as the book's
+        # explicit softmax-then-dropout, so the two stay step-for-step identical.
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.drop_rate if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg)
+        self.ff = FeedForward(cfg)
+        self.norm1 = nn.LayerNorm(cfg.emb_dim)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*(TransformerBlock(cfg) for _ in range(cfg.n_layers)))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, seq) -> logits (batch, seq, vocab)."""
+        seq_len = idx.shape[1]
+        if seq_len > self.cfg.context_length:
+            raise ValueError(f"sequence of {seq_len} tokens is longer than the context length "
+                             f"{self.cfg.context_length}")
+        pos = torch.arange(seq_len, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (batch, seq, emb)
+        x = self.final_norm(self.trf_blocks(x))
+        return self.out_head(x)
+
+
+def from_book_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a state dict of the book's GPTModel to ours.
+
+    The book's LayerNorm calls its parameters scale/shift, and its attention stores the
+    causal mask as a buffer; everything else has the same names and shapes.
+    """
+    renamed = {}
+    for key, value in state.items():
+        if key.endswith(".mask"):
+            continue
+        key = key.removesuffix(".scale") + ".weight" if key.endswith(".scale") else key
+        key = key.removesuffix(".shift") + ".bias" if key.endswith(".shift") else key
+        renamed[key] = value
+    return renamed

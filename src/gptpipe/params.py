@@ -1,0 +1,168 @@
+"""params.yaml, parsed once into typed, validated dataclasses.
+
+Every key must be present (DVC tracks exactly what the file says, so a silent default
+would be an untracked input). Values are checked here, with messages that name the key
+and say what would be valid.
+"""
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gptpipe.errors import PipelineError
+from gptpipe.model import GPTConfig
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise PipelineError(f"params: {key} {message}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str
+    sha256: str | None
+    train_ratio: float
+
+    def __post_init__(self) -> None:
+        require(bool(self.url), "data.url", "is empty: give an https/http/file URL or a local path")
+        require(self.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", self.sha256) is not None,
+                "data.sha256", f"must be 64 lowercase hex digits or null, got {self.sha256!r}")
+        require(0.0 < self.train_ratio < 1.0, "data.train_ratio",
+                f"must be between 0 and 1 (exclusive), got {self.train_ratio}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    batch_size: int
+    stride: int
+    lr: float
+    weight_decay: float
+    epochs: int
+    eval_freq: int
+    eval_iter: int
+    seed: int
+    device: str
+    start_context: str
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "stride", "eval_freq", "eval_iter"):
+            require(getattr(self, key) >= 1, f"train.{key}", f"must be at least 1, got {getattr(self, key)}")
+        require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.epochs >= 0, "train.epochs", f"must be >= 0, got {self.epochs}")
+        require(DEVICE_PATTERN.fullmatch(self.device) is not None, "train.device",
+                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "evaluate.batch_size", f"must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    seed: int
+
+    def __post_init__(self) -> None:
+        require(self.max_new_tokens >= 0, "sample.max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
+        require(self.temperature >= 0, "sample.temperature",
+                f"must be >= 0 (0 means greedy), got {self.temperature}")
+        require(self.top_k is None or self.top_k >= 1, "sample.top_k",
+                f"must be null (no limit) or at least 1, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    model: GPTConfig
+    train: TrainParams
+    evaluate: EvaluateParams
+    sample: SampleParams
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"params file {path} not found: run from the project root or pass --params")
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path} is not valid YAML: {e}")
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path} must map stage groups to their keys, got {type(raw).__name__}")
+    return parse_section(Params, "", raw)
+
+
+def parse_section(cls: type, prefix: str, raw: Any) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and coercing each value to its type."""
+    where = prefix.rstrip(".") or "params.yaml"
+    if not isinstance(raw, dict):
+        raise PipelineError(f"params: {where} must be a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise PipelineError(f"params: unknown key {prefix}{unknown[0]} in {where}; "
+                            f"valid keys are: {', '.join(names)}")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise PipelineError(f"params: missing key {prefix}{missing[0]}; add it to params.yaml")
+    values = {}
+    for name in names:
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = parse_section(kind, f"{prefix}{name}.", raw[name])
+        else:
+            values[name] = coerce(f"{prefix}{name}", kind, raw[name])
+    try:
+        return cls(**values)
+    except PipelineError as e:
+        raise
+    except (TypeError, ValueError) as e:
+        raise PipelineError(f"params: {where}: {e}")
+
+
+def coerce(key: str, kind: Any, value: Any) -> Any:
+    """Check `value` against the annotated type. Floats may arrive as strings such as '1e-05'
+    (what `dvc exp run -S` writes and PyYAML reads as text)."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(kind)
+    if typing.get_origin(kind) is Literal:
+        if value not in args:
+            raise PipelineError(f"params: {key} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if kind is str and isinstance(value, str):
+        return value
+    raise PipelineError(f"params: {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
