@@ -16,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data = load_params(args.params).data
 
-    sha256 = download(data.url, args.out, data.sha256)
+    sha256 = download(data.url, args.out, data.sha256, max_bytes=data.max_bytes)
     log.info(f"wrote {args.out} (sha256 {sha256})")
 
 

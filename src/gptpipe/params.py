@@ -30,12 +30,15 @@ def require(ok: bool, key: str, message: str) -> None:
 class DataParams:
     url: str
     sha256: str | None
+    max_bytes: int | None
     train_ratio: float
 
     def __post_init__(self) -> None:
         require(bool(self.url), "data.url", "is empty: give an https/http/file URL or a local path")
         require(self.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", self.sha256) is not None,
                 "data.sha256", f"must be 64 lowercase hex digits or null, got {self.sha256!r}")
+        require(self.max_bytes is None or self.max_bytes >= 1, "data.max_bytes",
+                f"must be null (no limit) or at least 1, got {self.max_bytes}")
         require(0.0 < self.train_ratio < 1.0, "data.train_ratio",
                 f"must be between 0 and 1 (exclusive), got {self.train_ratio}")
 
