@@ -1,0 +1,98 @@
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gptpipe.download import download
+
+ROOT = Path(__file__).resolve().parents[1]
+VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
+               "01_main-chapter-code/the-verdict.txt")
+
+# The tiny config of the pipeline tests: the same code paths as the book's run, in seconds.
+TINY = {
+    "model": {"context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2},
+    "train": {"epochs": 1, "stride": 32, "batch_size": 4, "eval_freq": 10, "eval_iter": 2},
+    "sample": {"max_new_tokens": 10},
+}
+
+
+def find_verdict(cache_dir: Path) -> tuple[Path | None, str]:
+    """The book's corpus: ../shared/data, then $GPTPIPE_VERDICT, then a download; else why not."""
+    candidates = [ROOT.parent / "shared" / "data" / "the-verdict.txt"]
+    if os.environ.get("GPTPIPE_VERDICT"):
+        candidates.append(Path(os.environ["GPTPIPE_VERDICT"]))
+    for path in candidates:
+        if path.is_file():
+            return path, ""
+    target = cache_dir / "the-verdict.txt"
+    if target.is_file():
+        return target, ""
+    try:
+        download(VERDICT_URL, target, VERDICT_SHA256, timeout=10)
+        return target, ""
+    except Exception as e:
+        return None, (f"the-verdict.txt not in ../shared/data, not at $GPTPIPE_VERDICT and "
+                      f"not downloadable ({e})")
+
+
+@pytest.fixture(scope="session")
+def verdict_path(tmp_path_factory) -> Path:
+    path, why = find_verdict(tmp_path_factory.mktemp("verdict"))
+    if path is None:
+        pytest.skip(why)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_path(tmp_path_factory) -> Path:
+    """A corpus for pipeline mechanics: the book's if it can be found, else generated text."""
+    path, _ = find_verdict(tmp_path_factory.mktemp("verdict"))
+    if path is not None:
+        return path
+    import random
+    rng = random.Random(0)
+    words = "the a painter said Gisburn I had always thought Jack a cheap genius his wife".split()
+    text = " ".join(rng.choice(words) + ("." if rng.random() < 0.1 else "") for _ in range(6000))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_params(path: Path, overrides: dict, corpus: Path | None = None) -> Path:
+    """The project's params.yaml with `overrides` ({group: {key: value}}) applied."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for group, values in overrides.items():
+        params[group].update(values)
+    if corpus is not None:
+        params["data"].update(url=corpus.as_uri(), sha256=None)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+PROJECT_FILES = [".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "dvc.yaml",
+                 "params.yaml", "stages", "src"]
+
+
+@pytest.fixture
+def dvc_project(tmp_path, corpus_path) -> Path:
+    """A committed git repo holding a copy of the project, set to the tiny config."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        source, target = ROOT / name, project / name
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    write_params(project / "params.yaml", TINY, corpus_path)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=project, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-qm", "project"], cwd=project, check=True)
+    return project
