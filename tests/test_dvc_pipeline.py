@@ -1,6 +1,7 @@
 """End to end with the real dvc CLI, in a committed copy of the project on the tiny config."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -15,8 +16,14 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 STAGES = ["download", "tokenize", "pretrain", "evaluate", "sample"]
 
 
+# dvc exp run commits experiments to git: give it an identity on machines without one.
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
 def dvc(project: Path, *args: str) -> str:
-    result = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True)
+    result = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True,
+                            env={**os.environ, **GIT_IDENTITY})
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
