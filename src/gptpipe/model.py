@@ -22,6 +22,8 @@ class GPTConfig:
     n_layers: int = 12
     drop_rate: float = 0.1
     qkv_bias: bool = False
+    # GPT-2 ties the output head to the token embedding; the book keeps them separate.
+    tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -98,6 +100,8 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*(TransformerBlock(cfg) for _ in range(cfg.n_layers)))
         self.final_norm = nn.LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, seq) -> logits (batch, seq, vocab)."""

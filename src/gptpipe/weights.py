@@ -1,0 +1,290 @@
+"""Model weights in and out.
+
+In: the initial weights of pretraining, `model.init_from`: `scratch`, a Hugging Face GPT-2
+directory (config.json + model.safetensors, the layout of openai-community/gpt2), or a
+checkpoint written by the book's code (model.pth, a GPTModel state dict, or
+model_and_optimizer.pth). The architecture is read from the checkpoint and must equal the
+one the params describe, except that the context may be shorter: the model then keeps the
+first position embeddings, and computes on such short sequences exactly what the
+checkpoint computes (as nanoGPT's crop_block_size).
+
+Out: a Hugging Face GPT-2 directory that transformers' GPT2LMHeadModel.from_pretrained loads.
+
+Hugging Face's GPT-2 computes the same function as GPTModel. Its Conv1D layers store the
+transpose of an nn.Linear weight (y = x @ W + b), and one c_attn matrix holds the query, key
+and value projections side by side.
+"""
+
+import json
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptpipe.errors import PipelineError
+from gptpipe.files import atomic_path, write_json
+from gptpipe.model import GPTConfig, GPTModel, from_book_state_dict
+
+log = logging.getLogger(__name__)
+
+SCRATCH = "scratch"
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+GPT2_END_OF_TEXT = 50256
+
+# GPT2Config's defaults, for config.json files that leave a key out.
+HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+    "n_inner": None, "tie_word_embeddings": True,
+}
+# Options of a GPT-2 config.json under which it computes what GPTModel computes (the first
+# value is GPT2Config's default). Any other value would give different logits.
+SUPPORTED_HF_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # GELU, tanh approximation
+    "layer_norm_epsilon": (1e-5,),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "add_cross_attention": (False,),
+}
+# Per block: (our name, Hugging Face's name). 2-D weights among them are Conv1D in GPT-2.
+BLOCK_PARAMS = [
+    ("norm1.weight", "ln_1.weight"), ("norm1.bias", "ln_1.bias"),
+    ("att.out_proj.weight", "attn.c_proj.weight"), ("att.out_proj.bias", "attn.c_proj.bias"),
+    ("norm2.weight", "ln_2.weight"), ("norm2.bias", "ln_2.bias"),
+    ("ff.layers.0.weight", "mlp.c_fc.weight"), ("ff.layers.0.bias", "mlp.c_fc.bias"),
+    ("ff.layers.2.weight", "mlp.c_proj.weight"), ("ff.layers.2.bias", "mlp.c_proj.bias"),
+]
+MODEL_PARAMS = [
+    ("tok_emb.weight", "wte.weight"), ("pos_emb.weight", "wpe.weight"),
+    ("final_norm.weight", "ln_f.weight"), ("final_norm.bias", "ln_f.bias"),
+]
+QKV = ("W_query", "W_key", "W_value")
+# Buffers some GPT-2 checkpoints carry (the causal mask), not weights.
+HF_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+ACCEPTED = ("scratch, a Hugging Face GPT-2 directory (config.json + model.safetensors) or a "
+            "checkpoint of the book's code (model.pth or model_and_optimizer.pth)")
+
+
+def initial_model(cfg: GPTConfig, init_from: str) -> GPTModel:
+    """A GPTModel of `cfg`, freshly initialised (`scratch`) or holding the weights at `init_from`.
+
+    The architecture stored with the weights must be `cfg`'s (its context may be shorter),
+    else a PipelineError lists each difference. The random initialisation runs either way, so
+    a loaded model sees the same batch order and dropout masks as a run from scratch with the
+    same seed.
+    """
+    if init_from == SCRATCH:
+        return GPTModel(cfg)
+    found, state = read_weights(Path(init_from), cfg.n_heads)
+    require_same_architecture(found, cfg, init_from)
+    if cfg.context_length < found["context_length"]:
+        log.info(f"keeping the first {cfg.context_length} of the checkpoint's "
+                 f"{found['context_length']} position embeddings (model.context_length)")
+        state["pos_emb.weight"] = state["pos_emb.weight"][:cfg.context_length]
+    model = GPTModel(cfg)
+    model.load_state_dict(state)
+    log.info(f"initial weights from {init_from}")
+    return model
+
+
+def read_weights(path: Path, n_heads: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The architecture (GPTConfig fields) a checkpoint determines, and its weights under our names."""
+    if path.is_dir():
+        if not (path / HF_CONFIG).is_file():
+            raise PipelineError(f"model.init_from: directory {path} has no {HF_CONFIG}; expected {ACCEPTED}")
+        return read_hf_gpt2(path)
+    if path.is_file():
+        return read_book_checkpoint(path, n_heads)
+    raise PipelineError(f"model.init_from: {path} does not exist; give {ACCEPTED}")
+
+
+# ---------------------------------------------------------------- Hugging Face GPT-2
+
+def read_hf_gpt2(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config = read_hf_config(directory / HF_CONFIG)
+    weights = directory / HF_WEIGHTS
+    if not weights.is_file():
+        raise PipelineError(f"model.init_from: {directory} has no {HF_WEIGHTS}; download the "
+                            f"safetensors file (a pytorch_model.bin is not read: unpickling it "
+                            f"could run code)")
+    try:
+        hf_state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise PipelineError(f"model.init_from: {weights} is not a readable safetensors file: {e}") from e
+    found = {
+        "vocab_size": config["vocab_size"],
+        "context_length": config["n_positions"],
+        "emb_dim": config["n_embd"],
+        "n_heads": config["n_head"],
+        "n_layers": config["n_layer"],
+        "qkv_bias": True,  # GPT-2's c_attn always has a bias
+        "tie_embeddings": config["tie_word_embeddings"],
+    }
+    return found, from_hf_state_dict(hf_state, found["n_layers"], found["tie_embeddings"], weights)
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    try:
+        config = {**HF_DEFAULTS, **json.loads(path.read_text(encoding="utf-8"))}
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"model.init_from: {path} is not valid JSON: {e}") from e
+    if config.get("model_type") != "gpt2":
+        raise PipelineError(f"model.init_from: {path} describes a {config.get('model_type')!r} model; "
+                            f"only GPT-2 (model_type gpt2) has the architecture of this pipeline's GPT")
+    unsupported = {key: config.get(key, allowed[0]) for key, allowed in SUPPORTED_HF_OPTIONS.items()
+                   if config.get(key, allowed[0]) not in allowed}
+    if config["n_inner"] not in (None, 4 * config["n_embd"]):
+        unsupported["n_inner"] = config["n_inner"]
+    if unsupported:
+        raise PipelineError(f"model.init_from: {path} sets {unsupported}, which this pipeline's GPT "
+                            f"does not implement (it supports {SUPPORTED_HF_OPTIONS} and n_inner "
+                            f"null or 4 * n_embd)")
+    return config
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], n_layers: int, tied: bool,
+                       source: Path | str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """Rename a GPT2LMHeadModel or GPT2Model state dict to ours, splitting c_attn into
+    query, key and value and transposing the Conv1D weights."""
+    hf = {key.removeprefix("transformer."): value for key, value in hf_state.items()
+          if not key.endswith(HF_BUFFER_SUFFIXES)}
+
+    def take(key: str) -> torch.Tensor:
+        try:
+            return hf.pop(key)
+        except KeyError:
+            raise PipelineError(f"model.init_from: {source} lacks the GPT-2 weight {key!r} "
+                                f"(its config.json promises {n_layers} layers)") from None
+
+    state = {ours: take(theirs) for ours, theirs in MODEL_PARAMS}
+    for i in range(n_layers):
+        ours, theirs = f"trf_blocks.{i}.", f"h.{i}."
+        # c_attn: (emb, 3 * emb) as Conv1D -> three nn.Linear weights of (emb, emb)
+        for name, weight in zip(QKV, take(f"{theirs}attn.c_attn.weight").t().chunk(3)):
+            state[f"{ours}att.{name}.weight"] = weight
+        for name, bias in zip(QKV, take(f"{theirs}attn.c_attn.bias").chunk(3)):
+            state[f"{ours}att.{name}.bias"] = bias
+        for our_name, their_name in BLOCK_PARAMS:
+            value = take(theirs + their_name)
+            state[ours + our_name] = value.t() if value.ndim == 2 else value
+    lm_head = hf.pop("lm_head.weight", None)
+    if tied:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    elif lm_head is None:
+        raise PipelineError(f"model.init_from: {source} lacks 'lm_head.weight', which an untied "
+                            f"model (tie_word_embeddings: false) needs")
+    else:
+        state["out_head.weight"] = lm_head
+    if hf:
+        raise PipelineError(f"model.init_from: {source} holds weights its config.json does not "
+                            f"account for: {', '.join(sorted(hf)[:5])}")
+    return state
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our state dict as GPT2LMHeadModel's: the inverse of from_hf_state_dict. Without qkv bias,
+    c_attn gets a zero bias, which computes the same as none."""
+    hf = {f"transformer.{theirs}": state[ours] for ours, theirs in MODEL_PARAMS}
+    for i in range(cfg.n_layers):
+        ours, theirs = f"trf_blocks.{i}.att.", f"transformer.h.{i}."
+        hf[f"{theirs}attn.c_attn.weight"] = torch.cat([state[f"{ours}{n}.weight"] for n in QKV]).t()
+        hf[f"{theirs}attn.c_attn.bias"] = (
+            torch.cat([state[f"{ours}{n}.bias"] for n in QKV]) if cfg.qkv_bias
+            else state[f"{ours}W_query.weight"].new_zeros(3 * cfg.emb_dim))
+        for our_name, their_name in BLOCK_PARAMS:
+            value = state[f"trf_blocks.{i}.{our_name}"]
+            hf[theirs + their_name] = value.t() if value.ndim == 2 else value
+    if not cfg.tie_embeddings:
+        hf["lm_head.weight"] = state["out_head.weight"]
+    return {key: value.detach().cpu().contiguous() for key, value in hf.items()}
+
+
+def hf_config(cfg: GPTConfig) -> dict[str, Any]:
+    config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": True,
+    }
+    if cfg.vocab_size > GPT2_END_OF_TEXT:  # <|endoftext|> starts and ends GPT-2's documents
+        config |= {"bos_token_id": GPT2_END_OF_TEXT, "eos_token_id": GPT2_END_OF_TEXT}
+    return config
+
+
+def export_hf_gpt2(model: GPTModel, directory: str | Path) -> None:
+    """Write `model` as a Hugging Face GPT-2 directory: config.json and model.safetensors."""
+    directory = Path(directory)
+    state = to_hf_state_dict(model.state_dict(), model.cfg)
+    with atomic_path(directory / HF_WEIGHTS) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    write_json(directory / HF_CONFIG, hf_config(model.cfg))
+
+
+# ---------------------------------------------------------------- the book's checkpoints
+
+def read_book_checkpoint(path: Path, n_heads: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """model.pth (torch.save(model.state_dict())) or model_and_optimizer.pth
+    ({"model_state_dict", "optimizer_state_dict"}) of the book's GPTModel."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise PipelineError(f"model.init_from: {path} holds objects other than tensors and plain "
+                            f"values, refused for safety (weights_only=True): {e}") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise PipelineError(f"model.init_from: {path} is not a readable PyTorch file: {e}") from e
+    if isinstance(loaded, dict) and "model_state_dict" in loaded:
+        loaded = loaded["model_state_dict"]
+    if not isinstance(loaded, dict) or "tok_emb.weight" not in loaded:
+        raise PipelineError(f"model.init_from: {path} is not a checkpoint of the book's GPTModel "
+                            f"(no 'tok_emb.weight'); expected {ACCEPTED}")
+    state = from_book_state_dict(loaded)
+    vocab_size, emb_dim = state["tok_emb.weight"].shape
+    # The number of heads leaves no trace in the shapes: it is the params' model.n_heads.
+    log.info(f"{path}: the number of attention heads cannot be read from the weights; "
+             f"using model.n_heads={n_heads}, which must be the value the model was trained with")
+    found = {
+        "vocab_size": vocab_size,
+        "context_length": state["pos_emb.weight"].shape[0],
+        "emb_dim": emb_dim,
+        "n_layers": len({key.split(".")[1] for key in state if key.startswith("trf_blocks.")}),
+        "qkv_bias": "trf_blocks.0.att.W_query.bias" in state,
+        "tie_embeddings": False,  # the book's GPTModel has its own out_head
+    }
+    return found, state
+
+
+def require_same_architecture(found: dict[str, Any], cfg: GPTConfig, source: str) -> None:
+    differing = {key: value for key, value in found.items() if getattr(cfg, key) != value
+                 and not (key == "context_length" and getattr(cfg, key) < value)}
+    if not differing:
+        return
+    listed = "; ".join(f"model.{key} is {yaml_value(getattr(cfg, key))} in the params, "
+                       f"{yaml_value(value)} in the checkpoint"
+                       + (" (or less)" if key == "context_length" else "")
+                       for key, value in differing.items())
+    settings = " ".join(f"-S model.{key}={yaml_value(value)}" for key, value in differing.items())
+    raise PipelineError(f"model.init_from={source} holds another architecture than the params "
+                        f"describe: {listed}. Set model.* to the checkpoint's values, e.g. "
+                        f"dvc exp run {settings}")
+
+
+def yaml_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -1,0 +1,203 @@
+"""Weights in and out: Hugging Face GPT-2 directories and the book's checkpoints give the same
+logits in our model, and our export gives the same logits in transformers. Nothing is downloaded:
+the GPT-2 models are small and randomly initialised."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gptpipe.errors import PipelineError
+from gptpipe.model import GPTConfig, GPTModel
+from gptpipe.weights import export_hf_gpt2, initial_model
+
+transformers = pytest.importorskip("transformers", reason="a test dependency: pip install -e '.[test]'")
+book_ch04 = pytest.importorskip("llms_from_scratch.ch04", reason="the book's code (make install)")
+
+SMALL_HF = dict(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=100)
+SMALL = GPTConfig(vocab_size=100, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
+                  qkv_bias=True, tie_embeddings=True)
+TOKENS = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter drawn at random (biases and LayerNorms start as 0 and 1, which would hide
+    a misplaced one), in eval mode."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    return model.eval()
+
+
+def hf_gpt2(tied: bool = True, **config) -> "transformers.GPT2LMHeadModel":
+    cfg = transformers.GPT2Config(**{**SMALL_HF, **config}, tie_word_embeddings=tied,
+                                  bos_token_id=None, eos_token_id=None)
+    return randomised(transformers.GPT2LMHeadModel(cfg))
+
+
+def hf_logits(model, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def our_logits(model: GPTModel, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(tokens)
+
+
+def assert_same_logits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- Hugging Face in
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_gpt2_directory_loads_with_the_same_logits(tmp_path, tied):
+    hf = hf_gpt2(tied)
+    hf.save_pretrained(tmp_path)
+    ours = initial_model(GPTConfig(**{**vars(SMALL), "tie_embeddings": tied}), str(tmp_path))
+    assert (ours.out_head.weight is ours.tok_emb.weight) == tied
+    assert_same_logits(our_logits(ours), hf_logits(hf))
+
+
+def test_openai_layout_without_prefix_and_with_mask_buffers(tmp_path):
+    """openai-community/gpt2 stores GPT2Model's keys (h.0..., wte...) and, in older files,
+    each layer's causal mask as attn.bias."""
+    hf = hf_gpt2()
+    state = {key.removeprefix("transformer."): value for key, value in hf.state_dict().items()
+             if key != "lm_head.weight"}
+    for i in range(SMALL_HF["n_layer"]):
+        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hf.config.to_json_file(tmp_path / "config.json")
+    assert_same_logits(our_logits(initial_model(SMALL, str(tmp_path))), hf_logits(hf))
+
+
+def test_a_shorter_context_keeps_the_first_positions_and_their_logits(tmp_path):
+    hf = hf_gpt2()
+    hf.save_pretrained(tmp_path)
+    ours = initial_model(GPTConfig(**{**vars(SMALL), "context_length": 16}), str(tmp_path))
+    assert ours.pos_emb.weight.shape == (16, 64)
+    assert_same_logits(our_logits(ours, TOKENS[:, :16]), hf_logits(hf, TOKENS[:, :16]))
+
+
+def test_architecture_mismatch_lists_each_key_and_the_fix(tmp_path):
+    hf_gpt2().save_pretrained(tmp_path)
+    params_cfg = GPTConfig(**{**vars(SMALL), "context_length": 64, "qkv_bias": False})
+    with pytest.raises(PipelineError) as e:
+        initial_model(params_cfg, str(tmp_path))
+    message = str(e.value)
+    assert "model.context_length is 64 in the params, 32 in the checkpoint (or less)" in message
+    assert "model.qkv_bias is false in the params, true in the checkpoint" in message
+    assert "-S model.context_length=32 -S model.qkv_bias=true" in message
+    assert "emb_dim" not in message
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"activation_function": "relu"}, "'activation_function': 'relu'"),
+    ({"layer_norm_epsilon": 1e-6}, "'layer_norm_epsilon': 1e-06"),
+    ({"n_inner": 100}, "'n_inner': 100"),
+    ({"model_type": "gpt_neo"}, "describes a 'gpt_neo' model"),
+])
+def test_hf_configs_that_compute_something_else_are_refused(tmp_path, config, message):
+    hf_gpt2().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    with pytest.raises(PipelineError, match=message.replace("(", r"\(")):
+        initial_model(SMALL, str(tmp_path))
+
+
+def test_missing_and_extra_weights_are_refused(tmp_path):
+    hf_gpt2().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    with pytest.raises(PipelineError, match="lacks the GPT-2 weight 'h.2.attn.c_attn.weight'"):
+        initial_model(GPTConfig(**{**vars(SMALL), "n_layers": 3}), str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_layer": 1}))
+    with pytest.raises(PipelineError, match="weights its config.json does not account for: h.1."):
+        initial_model(GPTConfig(**{**vars(SMALL), "n_layers": 1}), str(tmp_path))
+
+
+def test_unusable_init_from_paths(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist; give scratch, a Hugging Face"):
+        initial_model(SMALL, str(tmp_path / "nowhere"))
+    with pytest.raises(PipelineError, match="has no config.json"):
+        initial_model(SMALL, str(tmp_path))
+    hf_gpt2().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(PipelineError, match="has no model.safetensors"):
+        initial_model(SMALL, str(tmp_path))
+    torch.save({"model": "not a state dict"}, tmp_path / "other.pth")
+    with pytest.raises(PipelineError, match="not a checkpoint of the book's GPTModel"):
+        initial_model(SMALL, str(tmp_path / "other.pth"))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pth")  # a whole module: needs unpickling
+    with pytest.raises(PipelineError, match="refused for safety"):
+        initial_model(SMALL, str(tmp_path / "pickled.pth"))
+
+
+def test_scratch_and_loaded_models_leave_the_rng_in_the_same_state(tmp_path):
+    """So a run from loaded weights sees the batch order and dropout of a run from scratch."""
+    hf_gpt2().save_pretrained(tmp_path)
+    torch.manual_seed(7)
+    initial_model(SMALL, "scratch")
+    after_scratch = torch.rand(3)
+    torch.manual_seed(7)
+    initial_model(SMALL, str(tmp_path))
+    assert torch.equal(torch.rand(3), after_scratch)
+
+
+# ---------------------------------------------------------------- Hugging Face out
+
+@pytest.mark.parametrize("tied, qkv_bias", [(True, True), (False, True), (False, False)])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tied, qkv_bias):
+    cfg = GPTConfig(**{**vars(SMALL), "tie_embeddings": tied, "qkv_bias": qkv_bias})
+    ours = randomised(GPTModel(cfg))
+    export_hf_gpt2(ours, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert_same_logits(hf_logits(hf), our_logits(ours))
+    lm_head, wte = hf.lm_head.weight, hf.transformer.wte.weight
+    assert hf.config.tie_word_embeddings == tied
+    assert (lm_head.data_ptr() == wte.data_ptr()) == tied
+    if not tied:  # truly separate matrices, each as we trained it
+        assert not torch.equal(lm_head, wte)
+        assert torch.equal(lm_head, ours.out_head.weight)
+    if not qkv_bias:
+        assert all(not block.attn.c_attn.bias.any() for block in hf.transformer.h)
+
+
+def test_export_then_import_gives_back_the_same_weights(tmp_path):
+    ours = randomised(GPTModel(SMALL))
+    export_hf_gpt2(ours, tmp_path)
+    back = initial_model(SMALL, str(tmp_path)).state_dict()
+    expected = ours.state_dict()
+    assert back.keys() == expected.keys()
+    assert all(torch.equal(back[key], expected[key]) for key in expected)
+
+
+# ---------------------------------------------------------------- the book's checkpoints
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_book_checkpoints_load_with_the_same_logits(tmp_path, qkv_bias):
+    cfg = GPTConfig(**{**vars(SMALL), "qkv_bias": qkv_bias, "tie_embeddings": False})
+    book = randomised(book_ch04.GPTModel({key: value for key, value in vars(cfg).items()
+                                          if key != "tie_embeddings"}))
+    optimizer = torch.optim.AdamW(book.parameters())
+    torch.save(book.state_dict(), tmp_path / "model.pth")
+    torch.save({"model_state_dict": book.state_dict(), "optimizer_state_dict": optimizer.state_dict()},
+               tmp_path / "model_and_optimizer.pth")
+    with torch.no_grad():
+        expected = book(TOKENS)
+    for name in ("model.pth", "model_and_optimizer.pth"):
+        assert_same_logits(our_logits(initial_model(cfg, str(tmp_path / name))), expected)
+
+
+def test_book_checkpoint_shapes_are_checked_against_the_params(tmp_path):
+    book = book_ch04.GPTModel({**{k: v for k, v in vars(SMALL).items() if k != "tie_embeddings"},
+                               "n_layers": 3})
+    torch.save(book.state_dict(), tmp_path / "model.pth")
+    with pytest.raises(PipelineError) as e:
+        initial_model(SMALL, str(tmp_path / "model.pth"))
+    assert "model.n_layers is 2 in the params, 3 in the checkpoint" in str(e.value)
+    assert "model.tie_embeddings is true in the params, false in the checkpoint" in str(e.value)
