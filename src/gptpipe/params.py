@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from gptpipe.download import parse_sources
 from gptpipe.errors import PipelineError
 from gptpipe.model import GPTConfig
 
@@ -28,13 +29,17 @@ def require(ok: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class DataParams:
-    url: str
+    url: Any  # a string, or a list of strings and {url:, sha256:} mappings (download.parse_sources)
     sha256: str | None
     max_bytes: int | None
     train_ratio: float
 
     def __post_init__(self) -> None:
         require(bool(self.url), "data.url", "is empty: give an https/http/file URL or a local path")
+        try:
+            parse_sources(self.url)
+        except PipelineError as e:
+            raise PipelineError(f"params: {e}") from None
         require(self.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", self.sha256) is not None,
                 "data.sha256", f"must be 64 lowercase hex digits or null, got {self.sha256!r}")
         require(self.max_bytes is None or self.max_bytes >= 1, "data.max_bytes",
@@ -144,6 +149,8 @@ def parse_section(cls: type, prefix: str, raw: Any) -> Any:
 def coerce(key: str, kind: Any, value: Any) -> Any:
     """Check `value` against the annotated type. Floats may arrive as strings such as '1e-05'
     (what `dvc exp run -S` writes and PyYAML reads as text)."""
+    if kind is Any:  # a value of several shapes, checked by its dataclass
+        return value
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
