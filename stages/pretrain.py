@@ -21,6 +21,7 @@ from gptpipe.params import load_params
 from gptpipe.plotting import save_loss_figures
 from gptpipe.tokenizer import decode, encode_prompt
 from gptpipe.train import train
+from gptpipe.weights import initial_model
 
 log = logging.getLogger("pretrain")
 
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"train.batch_size or train.stride, or raise data.train_ratio")
 
     torch.manual_seed(opts.seed)  # fixes the initial weights, the batch order and dropout
-    model = GPTModel(cfg).to(device)
+    model = initial_model(cfg.config, cfg.init_from).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     log.info(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
              f"{len(train_loader)} batches per epoch")

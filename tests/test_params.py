@@ -9,8 +9,9 @@ from gptpipe.params import load_params
 
 def test_defaults_are_the_books_run():
     p = load_params(ROOT / "params.yaml")
-    assert p.model == GPTConfig(vocab_size=50257, context_length=256, emb_dim=768, n_heads=12,
-                                n_layers=12, drop_rate=0.1, qkv_bias=False)
+    assert p.model.config == GPTConfig(vocab_size=50257, context_length=256, emb_dim=768, n_heads=12,
+                                       n_layers=12, drop_rate=0.1, qkv_bias=False, tie_embeddings=False)
+    assert p.model.init_from == "scratch"
     t = p.train
     assert (t.batch_size, t.stride, t.lr, t.weight_decay, t.epochs) == (2, 256, 4e-4, 0.1, 10)
     assert (t.eval_freq, t.eval_iter, t.seed, t.device) == (5, 5, 123, "auto")

@@ -2,14 +2,18 @@
 logits in our model, and our export gives the same logits in transformers. Nothing is downloaded:
 the GPT-2 models are small and randomly initialised."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import ROOT, TINY, write_params
+from gptpipe.checkpoint import load_model
 from gptpipe.errors import PipelineError
 from gptpipe.model import GPTConfig, GPTModel
+from gptpipe.params import load_params
 from gptpipe.weights import export_hf_gpt2, initial_model
 
 transformers = pytest.importorskip("transformers", reason="a test dependency: pip install -e '.[test]'")
@@ -201,3 +205,46 @@ def test_book_checkpoint_shapes_are_checked_against_the_params(tmp_path):
         initial_model(SMALL, str(tmp_path / "model.pth"))
     assert "model.n_layers is 2 in the params, 3 in the checkpoint" in str(e.value)
     assert "model.tie_embeddings is true in the params, false in the checkpoint" in str(e.value)
+
+
+# ---------------------------------------------------------------- through the stages
+
+def run_stage(script: str, *args: str) -> None:
+    spec = importlib.util.spec_from_file_location(f"stage_{script}", ROOT / "stages" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(list(args))
+
+
+def test_pretrain_from_hf_gpt2_with_no_epochs_keeps_its_logits_and_exports_them(tmp_path, corpus_path,
+                                                                                monkeypatch):
+    """init_from a GPT-2 directory, train.epochs 0: the pipeline's checkpoint is that model, and
+    the export stage gives it back to transformers unchanged."""
+    hf = hf_gpt2(vocab_size=50257)
+    hf.save_pretrained(tmp_path / "gpt2")
+    params = write_params(tmp_path / "params.yaml", {
+        **TINY,
+        "model": {**TINY["model"], "qkv_bias": True, "tie_embeddings": True,
+                  "init_from": str(tmp_path / "gpt2")},
+        "train": {**TINY["train"], "epochs": 0},
+    }, corpus_path)
+    d = tmp_path
+    monkeypatch.chdir(d)  # where the stages' other default paths land
+    run_stage("download", "--params", str(params), "--out", f"{d}/raw.txt")
+    run_stage("tokenize_corpus", "--params", str(params), "--corpus", f"{d}/raw.txt", "--out", f"{d}/tokens")
+    run_stage("pretrain", "--params", str(params), "--tokens", f"{d}/tokens",
+              "--checkpoint", f"{d}/ckpt.pt", "--losses", f"{d}/losses.csv", "--figures", f"{d}/figures",
+              "--metrics", f"{d}/train.json")
+    tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
+    model, _ = load_model(d / "ckpt.pt", torch.device("cpu"))
+    expected = hf_logits(hf, tokens)
+    assert_same_logits(our_logits(model, tokens), expected)
+
+    run_stage("export", "--checkpoint", f"{d}/ckpt.pt", "--out", f"{d}/export")
+    exported = transformers.GPT2LMHeadModel.from_pretrained(d / "export").eval()
+    assert_same_logits(hf_logits(exported, tokens), expected)
+
+
+def test_init_from_must_not_be_empty(tmp_path):
+    with pytest.raises(PipelineError, match="model.init_from is empty"):
+        load_params(write_params(tmp_path / "params.yaml", {"model": {"init_from": " "}}))

@@ -49,6 +49,23 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class ModelParams(GPTConfig):
+    """The model group: the architecture, and where the initial weights come from (scratch, or
+    a checkpoint whose architecture must equal the params'). `config` is the bare architecture."""
+    # The default only satisfies dataclass field order: the key must be in params.yaml.
+    init_from: str = "scratch"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(bool(self.init_from.strip()), "model.init_from",
+                "is empty: use scratch, a Hugging Face GPT-2 directory or a model.pth of the book's code")
+
+    @property
+    def config(self) -> GPTConfig:
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})
+
+
+@dataclass(frozen=True)
 class TrainParams:
     batch_size: int
     stride: int
@@ -98,7 +115,7 @@ class SampleParams:
 @dataclass(frozen=True)
 class Params:
     data: DataParams
-    model: GPTConfig
+    model: ModelParams
     train: TrainParams
     evaluate: EvaluateParams
     sample: SampleParams
