@@ -1,16 +1,23 @@
+import itertools
+import math
+
 import pytest
 import torch
 
-from gptpipe.generate import generate, next_token
-from gptpipe.model import GPTConfig, GPTModel
+from gptpipe.generate import beam_search, generate, next_logits, next_token
+from gptpipe.model import GPTConfig, GPTModel, KVCache
 
-CFG = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
+CFG = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 
 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
     return GPTModel(CFG)
+
+
+def draws(logits: torch.Tensor, n: int = 200, **kwargs) -> set[int]:
+    return {next_token(logits, generator=torch.Generator().manual_seed(s), **kwargs).item() for s in range(n)}
 
 
 @torch.no_grad()
@@ -25,13 +32,13 @@ def test_greedy_is_argmax_of_the_full_forward(model):
 
 def test_seeded_sampling_is_reproducible_and_top_k_restricts(model):
     prompt = torch.tensor([[1, 2, 3]])
-    runs = [generate(model, prompt, 20, temperature=1.5, top_k=3,
+    runs = [generate(model, prompt, 20, temperature=1.5, top_k=3, top_p=0.9,
                      generator=torch.Generator().manual_seed(9)) for _ in range(2)]
     assert torch.equal(*runs)
+    other_seed = generate(model, prompt, 20, temperature=1.5, generator=torch.Generator().manual_seed(10))
+    assert not torch.equal(runs[0], other_seed)
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.0]])
-    picks = {next_token(logits, 10.0, top_k=2, generator=torch.Generator().manual_seed(s)).item()
-             for s in range(50)}
-    assert picks == {1, 3}
+    assert draws(logits, temperature=10.0, top_k=2) == {1, 3}
     assert next_token(logits).item() == 1
 
 
@@ -40,3 +47,129 @@ def test_stops_at_end_of_text(model):
     greedy_next = generate(model, prompt, 1)[0, -1].item()
     out = generate(model, prompt, 10, eos_id=greedy_next)
     assert out[0].tolist() == [1, 2, 3, greedy_next]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert draws(logits, temperature=1.0, top_p=0.8) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert draws(logits, temperature=1.0, top_p=0.81) == {0, 1, 2}
+    assert draws(logits, temperature=1.0, top_p=1e-9) == {0}  # always at least the top token
+    assert draws(logits, temperature=1.0, top_p=1.0) == {0, 1, 2, 3}
+
+
+def test_top_p_applies_to_the_top_k_tempered_distribution():
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    # Alone, top-p 0.75 keeps three tokens (mass before the third: 0.7).
+    assert draws(logits, temperature=1.0, top_p=0.75) == {0, 1, 2}
+    # After top-k 3 the renormalised mass before the third is 0.7/0.9 > 0.75: two tokens.
+    assert draws(logits, temperature=1.0, top_k=3, top_p=0.75) == {0, 1}
+    # A high temperature flattens the three to about 1/3 each before top-p: all three stay.
+    assert draws(logits, temperature=100.0, top_k=3, top_p=0.75) == {0, 1, 2}
+
+
+def test_top_p_near_zero_is_greedy(model):
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    sampled = generate(model, prompt, 20, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, generate(model, prompt, 20))
+
+
+@torch.no_grad()
+def test_cached_forward_equals_the_full_forward(model):
+    model.eval()
+    idx = torch.randint(0, CFG.vocab_size, (2, CFG.context_length))
+    full = model(idx)
+    cache = KVCache(CFG.n_layers)
+    chunks = [model(idx[:, a:b], cache) for a, b in [(0, 3), (3, 4), (4, 7), (7, 8)]]
+    assert len(cache) == CFG.context_length
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="longer than the context length"):
+        model(idx[:, :1], cache)
+
+
+@pytest.mark.parametrize("prompt_len", [3, CFG.context_length, CFG.context_length + 3])
+def test_kv_cache_greedy_equals_no_cache_greedy_beyond_the_context(model, prompt_len):
+    prompt = torch.randint(0, CFG.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(1))
+    new = 3 * CFG.context_length  # well past the context: the window slides for most tokens
+    cached = generate(model, prompt, new, use_cache=True)
+    assert cached.shape == (2, prompt_len + new)
+    assert torch.equal(cached, generate(model, prompt, new, use_cache=False))
+
+
+def test_kv_cache_sampling_equals_no_cache_sampling(model):
+    prompt = torch.tensor([[1, 2, 3]])
+    runs = [generate(model, prompt, 2 * CFG.context_length, temperature=1.0, top_k=10, top_p=0.9,
+                     generator=torch.Generator().manual_seed(5), use_cache=use_cache)
+            for use_cache in (True, False)]
+    assert torch.equal(*runs)
+
+
+@torch.no_grad()
+def test_bf16_autocast_logits_are_close_to_fp32(model):
+    model.eval()
+    idx = torch.tensor([[1, 2, 3, 4]])
+    fp32 = next_logits(model, idx, KVCache(CFG.n_layers))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = next_logits(model, idx, KVCache(CFG.n_layers))
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
+    out = generate(model, idx, 12, autocast_dtype=torch.bfloat16)
+    assert out.shape == (1, 16) and out.dtype == torch.long
+
+
+def test_one_beam_is_greedy(model):
+    prompt = torch.tensor([[1, 2, 3]])
+    assert torch.equal(beam_search(model, prompt, 2 * CFG.context_length, num_beams=1),
+                       generate(model, prompt, 2 * CFG.context_length))
+
+
+def test_beam_search_with_and_without_cache_agree(model):
+    prompt = torch.tensor([[1, 2, 3]])
+    runs = [beam_search(model, prompt, 2 * CFG.context_length, num_beams=3, eos_id=7, use_cache=use_cache)
+            for use_cache in (True, False)]
+    assert torch.equal(*runs)
+
+
+TINY_VOCAB = GPTConfig(vocab_size=5, context_length=8, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0)
+
+
+@torch.no_grad()
+def exhaustive_best(model, prompt: list[int], max_new: int, eos_id: int | None,
+                    length_penalty: float) -> list[int]:
+    """The highest-scoring continuation over all of them, each scored by a full forward."""
+    candidates = []
+    for n in range(1, max_new + 1):
+        for tail in itertools.product(range(model.cfg.vocab_size), repeat=n):
+            ends_early = n < max_new and tail[-1] != eos_id
+            if ends_early or (eos_id is not None and eos_id in tail[:-1]):
+                continue
+            seq = torch.tensor([prompt + list(tail)])
+            log_probs = torch.log_softmax(model(seq[:, :-1]), dim=-1)[0, len(prompt) - 1:]
+            total = log_probs.gather(1, seq[0, len(prompt):, None]).sum().item()
+            candidates.append((total / n ** length_penalty, prompt + list(tail)))
+    return max(candidates)[1]
+
+
+@pytest.mark.parametrize("eos_id", [None, 0])
+@pytest.mark.parametrize("length_penalty", [-1.0, 0.0, 1.0, 3.0])
+def test_beam_search_with_enough_beams_finds_the_exhaustive_best(eos_id, length_penalty):
+    torch.manual_seed(4)
+    model = GPTModel(TINY_VOCAB).eval()
+    prompt, max_new = [1, 2], 3
+    expected = exhaustive_best(model, prompt, max_new, eos_id, length_penalty)
+    greedy = generate(model, torch.tensor([prompt]), max_new, eos_id=eos_id)[0].tolist()
+    assert expected != greedy, "a model on which greedy search is best would not test the search"
+    beams = TINY_VOCAB.vocab_size ** (max_new - 1)  # every prefix survives
+    found = beam_search(model, torch.tensor([prompt]), max_new, beams, length_penalty, eos_id)
+    assert found[0].tolist() == expected
+
+
+def test_beam_search_stops_each_beam_at_end_of_text(model):
+    prompt = torch.tensor([[1, 2, 3]])
+    greedy_next = generate(model, prompt, 1)[0, -1].item()
+    # With a strong preference for short outputs, the likely end token ends the search at once.
+    out = beam_search(model, prompt, 10, num_beams=4, length_penalty=-5.0, eos_id=greedy_next)
+    assert out[0].tolist() == [1, 2, 3, greedy_next]
+    for length_penalty in (0.0, 1.0, 5.0):  # nothing follows an end token
+        out = beam_search(model, prompt, 10, num_beams=4, length_penalty=length_penalty, eos_id=greedy_next)
+        assert greedy_next not in out[0, 3:-1].tolist()
+    assert beam_search(model, prompt, 0, num_beams=4).tolist() == prompt.tolist()

@@ -1,16 +1,27 @@
-"""Autoregressive text generation: greedy, temperature and top-k sampling."""
+"""Autoregressive text generation: greedy, temperature, top-k, top-p and beam search.
+
+Generation runs the model with a KV cache, so each new token costs one position's compute.
+The results equal the plain loop of the book (crop the sequence to its last context_length
+tokens, run the full forward, read the last position): while the sequence fits the context
+the cache holds exactly what that forward would recompute; once it outgrows the context the
+window slides, every token moves to a new position and so every key and value changes, and
+the cache is rebuilt from the last context_length tokens at each step.
+"""
+
+from contextlib import nullcontext
 
 import torch
 
-from gptpipe.model import GPTModel
+from gptpipe.model import GPTModel, KVCache
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token from last-position logits (batch, vocab) -> (batch, 1).
 
-    temperature 0 is greedy (argmax); otherwise sample from softmax(logits / temperature),
-    restricted to the `top_k` most likely tokens when top_k is set.
+    temperature 0 is greedy (argmax). Otherwise: keep the `top_k` most likely tokens, divide
+    the logits by `temperature`, keep the smallest set of most likely tokens whose tempered
+    probability reaches `top_p` (always at least the most likely one), and sample from those.
     """
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -18,26 +29,121 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p  # the top token has mass_before 0 and always stays
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-@torch.inference_mode()
+def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Logits (batch, vocab) of the token after `idx` (batch, seq), as the full forward over the
+    last context_length tokens gives them.
+
+    `cache` must hold the keys and values of a prefix of `idx` (empty at first); only the rest
+    is run, and added to it. Without a cache the full forward is run.
+    """
+    context_length = model.cfg.context_length
+    if cache is None:
+        return model(idx[:, -context_length:])[:, -1, :].float()
+    if idx.shape[1] > context_length:  # the window slides: every position changes
+        cache.clear()
+        idx = idx[:, -context_length:]
+    return model(idx[:, len(cache):], cache)[:, -1, :].float()
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed-precision context for `dtype` (e.g. torch.bfloat16); None runs in the model's dtype."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+# no_grad, not inference_mode: under inference_mode autocast does not cache its casts of the
+# weights and would re-cast every weight at every token.
+@torch.no_grad()
 def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None,
+             generator: torch.Generator | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+             use_cache: bool = True, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Extend token ids `idx` (batch, seq) by up to `max_new_tokens` tokens.
 
     The model sees at most its context length of the most recent tokens. Generation stops
-    early when every sequence in the batch has produced `eos_id`.
+    early when every sequence in the batch has produced `eos_id`. `num_beams` above 1 runs
+    beam_search instead (one prompt, temperature 0). `use_cache=False` re-runs the full
+    forward for every token (same result, slower); `autocast_dtype` runs the model under
+    autocast in that dtype (e.g. torch.bfloat16), which changes the result slightly.
     """
+    if num_beams > 1:
+        if temperature != 0.0:
+            raise ValueError(f"beam search is deterministic: use temperature 0 with num_beams {num_beams}")
+        return beam_search(model, idx, max_new_tokens, num_beams, length_penalty, eos_id, use_cache, autocast_dtype)
     was_training = model.training
     model.eval()
-    context_length = model.cfg.context_length
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -context_length:])[:, -1, :]  # (batch, vocab)
-        token = next_token(logits, temperature, top_k, generator)
-        idx = torch.cat([idx, token], dim=1)
-        if eos_id is not None and bool((token == eos_id).all()):
-            break
+    cache = KVCache(model.cfg.n_layers) if use_cache else None
+    with autocast(idx.device, autocast_dtype):
+        for _ in range(max_new_tokens):
+            logits = next_logits(model, idx, cache)
+            token = next_token(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, token], dim=1)
+            if eos_id is not None and bool((token == eos_id).all()):
+                break
     model.train(was_training)
     return idx
+
+
+@torch.no_grad()
+def beam_search(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, num_beams: int,
+                length_penalty: float = 1.0, eos_id: int | None = None, use_cache: bool = True,
+                autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The continuation of one prompt `idx` (1, seq) with the best score found by beam search.
+
+    A continuation's score is the sum of its tokens' log-probabilities divided by
+    (number of new tokens) ** length_penalty, as in Hugging Face: above 0 favours longer
+    continuations, below 0 shorter ones. A beam ends at `eos_id` (which is kept and counted)
+    or after `max_new_tokens`. Each step extends every live beam by every token, keeps each
+    ending at `eos_id` as a finished candidate and the `num_beams` best others as live beams.
+    Deterministic; with num_beams 1 and no eos_id it is greedy search. Returns (1, seq + new tokens).
+    """
+    if idx.shape[0] != 1:
+        raise ValueError(f"beam search takes one prompt, got a batch of {idx.shape[0]}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+    if max_new_tokens == 0:
+        return idx
+    was_training = model.training
+    model.eval()
+    cache = KVCache(model.cfg.n_layers) if use_cache else None
+    beams = idx  # (live beams, seq)
+    beam_scores = torch.zeros(1, device=idx.device)  # sum of log-probs of each live beam
+    best: tuple[float, torch.Tensor] | None = None  # (score, sequence) of the best finished beam
+
+    def consider(score_sum: float, sequence: torch.Tensor) -> None:
+        nonlocal best
+        new_tokens = sequence.shape[0] - idx.shape[1]
+        score = score_sum / new_tokens ** length_penalty
+        if best is None or score > best[0]:
+            best = (score, sequence)
+
+    with autocast(idx.device, autocast_dtype):
+        for _ in range(max_new_tokens):
+            log_probs = torch.log_softmax(next_logits(model, beams, cache), dim=-1)
+            candidates = beam_scores[:, None] + log_probs  # (live beams, vocab)
+            if eos_id is not None:  # beams ending here all have the same length: the best one may win
+                row = int(candidates[:, eos_id].argmax())
+                consider(candidates[row, eos_id].item(), torch.cat([beams[row], beams.new_tensor([eos_id])]))
+                candidates[:, eos_id] = float("-inf")
+            vocab = candidates.shape[1]
+            beam_scores, flat = candidates.flatten().topk(min(num_beams, candidates.numel()))
+            keep = beam_scores > float("-inf")
+            beam_scores, flat = beam_scores[keep], flat[keep]
+            if not len(flat):
+                break
+            parent = flat // vocab
+            beams = torch.cat([beams[parent], (flat % vocab)[:, None]], dim=1)
+            if cache is not None:
+                cache.reorder(parent)
+        else:
+            for score_sum, sequence in zip(beam_scores.tolist(), beams):
+                consider(score_sum, sequence)
+    model.train(was_training)
+    return best[1][None, :]

@@ -36,6 +36,50 @@ class GPTConfig:
             raise PipelineError(f"params: model.drop_rate must be in [0, 1), got {self.drop_rate}")
 
 
+class LayerCache:
+    """Keys and values of the positions one attention layer has seen: (batch, heads, seq, head_dim).
+
+    Concatenating per step copies the (small) cache, not the weights, so it costs little next
+    to the forward pass, and reordering beams is a plain index_select.
+    """
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' keys and values; return those of all positions so far."""
+        if self.keys is not None:
+            keys = torch.cat([self.keys, keys], dim=2)
+            values = torch.cat([self.values, values], dim=2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class KVCache:
+    """Per-layer keys and values of a generation in progress, so each new token costs one
+    position's compute. The next position fed to the model is len(cache)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layers)]
+
+    def __len__(self) -> int:
+        return len(self.layers[0])
+
+    def clear(self) -> None:
+        self.layers = [LayerCache() for _ in self.layers]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index` (repeats allowed): beam search's surviving beams."""
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -51,13 +95,22 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, heads, t, head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = (self.split_heads(w(x)) for w in (self.W_query, self.W_key, self.W_value))
-        # On CPU this draws the same dropout mask on the attention weights as the book's
-        # explicit softmax-then-dropout, so the two stay step-for-step identical.
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.drop_rate if self.training else 0.0)
+        past = 0
+        if cache is not None:
+            past = len(cache)
+            k, v = cache.extend(k, v)
+        dropout_p = self.drop_rate if self.training else 0.0
+        if past == 0:
+            # On CPU this draws the same dropout mask on the attention weights as the book's
+            # explicit softmax-then-dropout, so the two stay step-for-step identical.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            # is_causal aligns the mask top-left; new query i sits at position past + i.
+            mask = None if t == 1 else torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -85,8 +138,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -103,16 +156,25 @@ class GPTModel(nn.Module):
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (batch, seq) -> logits (batch, seq, vocab)."""
-        seq_len = idx.shape[1]
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (batch, seq) -> logits (batch, seq, vocab).
+
+        With a cache, `idx` holds only the new tokens: they take positions len(cache) onwards,
+        attend to the cached ones as well, and their keys and values are added to the cache.
+        """
+        past = 0 if cache is None else len(cache)
+        seq_len = past + idx.shape[1]
         if seq_len > self.cfg.context_length:
             raise ValueError(f"sequence of {seq_len} tokens is longer than the context length "
                              f"{self.cfg.context_length}")
-        pos = torch.arange(seq_len, device=idx.device)
+        pos = torch.arange(past, seq_len, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (batch, seq, emb)
-        x = self.final_norm(self.trf_blocks(x))
-        return self.out_head(x)
+        if cache is None:
+            x = self.trf_blocks(x)
+        else:
+            for block, layer_cache in zip(self.trf_blocks, cache.layers):
+                x = block(x, layer_cache)
+        return self.out_head(self.final_norm(x))
 
 
 def from_book_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
