@@ -19,7 +19,8 @@ log = logging.getLogger("sample")
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("--checkpoint", default="data/model/checkpoint.pt", help="checkpoint to sample from")
-    parser.add_argument("--out", default="data/samples/sample.txt", help="where to write the text")
+    parser.add_argument("--out", default="data/samples/sample.txt",
+                        help="where to write the text; several samples each follow a header line")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     opts = params.sample
@@ -27,12 +28,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     model, _ = load_model(args.checkpoint, device)
     prompt = torch.tensor([encode_prompt(opts.prompt)], device=device)
-    generator = torch.Generator(device=device).manual_seed(opts.seed)
-    ids = generate(model, prompt, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
-                   eos_id=gpt2_encoding().eot_token, generator=generator)
-    text = decode(ids[0].tolist()).removesuffix(END_OF_TEXT)
-    write_text(args.out, text + "\n")
-    log.info(text)
+    texts = []
+    for i in range(opts.num_samples):
+        seed = opts.seed + i
+        ids = generate(model, prompt, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
+                       top_p=opts.top_p, eos_id=gpt2_encoding().eot_token,
+                       generator=torch.Generator(device=device).manual_seed(seed),
+                       num_beams=opts.num_beams, length_penalty=opts.length_penalty)
+        text = decode(ids[0].tolist()).removesuffix(END_OF_TEXT)
+        texts.append(text if opts.num_samples == 1 else
+                     f"=== sample {i + 1} of {opts.num_samples} (seed {seed}) ===\n{text}\n")
+        log.info(texts[-1])
+    write_text(args.out, "\n".join(texts) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
+import importlib.util
 import itertools
-import math
+import re
 
 import pytest
 import torch
 
+from conftest import ROOT, write_params
+from gptpipe.checkpoint import save_checkpoint
+from gptpipe.errors import PipelineError
 from gptpipe.generate import beam_search, generate, next_logits, next_token
 from gptpipe.model import GPTConfig, GPTModel, KVCache
+from gptpipe.params import load_params
 
 CFG = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 
@@ -173,3 +178,47 @@ def test_beam_search_stops_each_beam_at_end_of_text(model):
         out = beam_search(model, prompt, 10, num_beams=4, length_penalty=length_penalty, eos_id=greedy_next)
         assert greedy_next not in out[0, 3:-1].tolist()
     assert beam_search(model, prompt, 0, num_beams=4).tolist() == prompt.tolist()
+
+
+def run_sample_stage(tmp_path, **sample) -> str:
+    spec = importlib.util.spec_from_file_location("stage_sample", ROOT / "stages" / "sample.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    checkpoint = tmp_path / "ckpt.pt"
+    if not checkpoint.exists():
+        torch.manual_seed(0)
+        save_checkpoint(checkpoint, GPTModel(GPTConfig(context_length=16, emb_dim=8, n_heads=2, n_layers=1)), None)
+    params = write_params(tmp_path / "params.yaml", {"train": {"device": "cpu"}, "sample": sample})
+    out = tmp_path / "sample.txt"
+    stage.main(["--params", str(params), "--checkpoint", str(checkpoint), "--out", str(out)])
+    return out.read_text()
+
+
+def test_sample_stage_writes_each_seeded_sample_under_a_header(tmp_path):
+    opts = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 0.9}
+    one = run_sample_stage(tmp_path, **opts)
+    three = run_sample_stage(tmp_path, num_samples=3, **opts)
+    assert three == run_sample_stage(tmp_path, num_samples=3, **opts)
+    texts = re.split(r"=== sample \d of 3 \(seed \d+\) ===\n", three)
+    assert texts[0] == "" and len(texts) == 4
+    assert re.findall(r"seed (\d+)", three) == ["123", "124", "125"]
+    assert texts[1].strip() == one.strip() and one.startswith("Every effort moves you")
+    assert len({t.strip() for t in texts[1:]}) > 1  # different seeds, different samples
+
+
+def test_sample_stage_beam_search(tmp_path):
+    text = run_sample_stage(tmp_path, max_new_tokens=5, temperature=0, num_beams=3, length_penalty=0.5)
+    assert text.startswith("Every effort moves you") and "===" not in text
+
+
+@pytest.mark.parametrize("sample, message", [
+    ({"top_p": 0}, "sample.top_p must be in (0, 1]"),
+    ({"top_p": 1.5}, "sample.top_p must be in (0, 1]"),
+    ({"num_samples": 0}, "sample.num_samples must be at least 1"),
+    ({"num_beams": 0}, "sample.num_beams must be at least 1"),
+    ({"num_beams": 4, "temperature": 1.4}, "set sample.temperature to 0"),
+    ({"length_penalty": "nan"}, "sample.length_penalty must be a finite number"),
+])
+def test_sample_params_are_validated(tmp_path, sample, message):
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        load_params(write_params(tmp_path / "params.yaml", {"sample": sample}))

@@ -6,6 +6,7 @@ and say what would be valid.
 """
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -102,7 +103,11 @@ class SampleParams:
     max_new_tokens: int
     temperature: float
     top_k: int | None
+    top_p: float
     seed: int
+    num_samples: int
+    num_beams: int
+    length_penalty: float
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 0, "sample.max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
@@ -110,6 +115,14 @@ class SampleParams:
                 f"must be >= 0 (0 means greedy), got {self.temperature}")
         require(self.top_k is None or self.top_k >= 1, "sample.top_k",
                 f"must be null (no limit) or at least 1, got {self.top_k}")
+        require(0.0 < self.top_p <= 1.0, "sample.top_p", f"must be in (0, 1] (1 turns it off), got {self.top_p}")
+        require(self.num_samples >= 1, "sample.num_samples", f"must be at least 1, got {self.num_samples}")
+        require(self.num_beams >= 1, "sample.num_beams", f"must be at least 1 (1 is no beam search), got {self.num_beams}")
+        require(self.num_beams == 1 or self.temperature == 0, "sample.num_beams",
+                f"({self.num_beams}) runs beam search, which is deterministic: set sample.temperature "
+                f"to 0 (top_k and top_p are then unused), or num_beams to 1 to sample")
+        require(math.isfinite(self.length_penalty), "sample.length_penalty",
+                f"must be a finite number (1 is neutral), got {self.length_penalty}")
 
 
 @dataclass(frozen=True)
