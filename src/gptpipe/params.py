@@ -78,15 +78,35 @@ class TrainParams:
     seed: int
     device: str
     start_context: str
+    precision: Literal["auto", "fp32", "bf16"]
+    compile: bool
+    schedule: Literal["constant", "cosine"]
+    warmup_steps: float
+    initial_lr: float
+    min_lr: float
+    grad_clip: float | None
+    grad_accum_steps: int
+    max_steps: int | None
+    checkpoint_every: int | None
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "stride", "eval_freq", "eval_iter"):
+        for key in ("batch_size", "stride", "eval_freq", "eval_iter", "grad_accum_steps"):
             require(getattr(self, key) >= 1, f"train.{key}", f"must be at least 1, got {getattr(self, key)}")
         require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
         require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.epochs >= 0, "train.epochs", f"must be >= 0, got {self.epochs}")
         require(DEVICE_PATTERN.fullmatch(self.device) is not None, "train.device",
                 f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        require(self.warmup_steps >= 0 and (self.warmup_steps < 1 or self.warmup_steps.is_integer()),
+                "train.warmup_steps", f"must be a whole number of steps or a fraction below 1 of all "
+                f"steps, got {self.warmup_steps}")
+        for key in ("initial_lr", "min_lr"):
+            require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
+                f"must be null (no clipping) or positive, got {self.grad_clip}")
+        for key in ("max_steps", "checkpoint_every"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"train.{key}", f"must be null or at least 1, got {value}")
 
 
 @dataclass(frozen=True)

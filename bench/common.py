@@ -1,0 +1,43 @@
+"""Shared by the benchmarks: the book's default config, its corpus, a matmul peak."""
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK_CONFIG = {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads": 12,
+               "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
+
+
+def find_corpus() -> Path:
+    for path in (ROOT.parent / "shared/data/the-verdict.txt", ROOT / "data/raw/corpus.txt"):
+        if path.is_file():
+            return path
+    raise SystemExit("no corpus: run `dvc repro download` or put the-verdict.txt in ../shared/data")
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+    """Best FLOP/s of an n×n matmul on this machine."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    import platform
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -1,0 +1,107 @@
+"""Pretraining survives being killed: a re-run resumes and ends bitwise where an
+uninterrupted run ends (on CPU)."""
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, write_params
+
+OVERRIDES = {**TINY, "train": {**TINY["train"], "epochs": 2, "checkpoint_every": 3, "eval_freq": 4}}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, corpus_path):
+    """Params and tokens of the tiny config, and the outputs of one uninterrupted run."""
+    d = tmp_path_factory.mktemp("faults")
+    params = write_params(d / "params.yaml", OVERRIDES, corpus_path)
+    for name, args in [("download", ["--out", f"{d}/corpus.txt"]),
+                       ("tokenize_corpus", ["--corpus", f"{d}/corpus.txt", "--out", f"{d}/tokens"])]:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "stages" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(["--params", str(params), *args])
+    baseline = d / "baseline"
+    assert pretrain(params, d / "tokens", baseline).wait(timeout=300) == 0
+    return params, d / "tokens", baseline
+
+
+def pretrain(params: Path, tokens: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "stages/pretrain.py"), "--params", str(params), "--tokens", str(tokens),
+         "--checkpoint", f"{out}/ckpt.pt", "--losses", f"{out}/losses.csv", "--figures", f"{out}/figures",
+         "--metrics", f"{out}/train.json", "--resume-dir", f"{out}/resume"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    weights_a = torch.load(a / "ckpt.pt", weights_only=True)
+    weights_b = torch.load(b / "ckpt.pt", weights_only=True)
+    assert weights_a["step"] == weights_b["step"]
+    for key, value in weights_a["model"].items():
+        assert torch.equal(value, weights_b["model"][key]), key
+    assert (a / "losses.csv").read_bytes() == (b / "losses.csv").read_bytes()
+    metrics_a, metrics_b = (json.loads((x / "train.json").read_text()) for x in (a, b))
+    for key in ("loss", "steps", "tokens_seen"):  # the rest are timings
+        assert metrics_a[key] == metrics_b[key]
+
+
+def test_resume_after_sigkill_is_bitwise_identical(prepared, tmp_path):
+    params, tokens, baseline = prepared
+    run = pretrain(params, tokens, tmp_path)
+    wait_for(tmp_path / "resume/pretrain.pt", run)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    assert not (tmp_path / "ckpt.pt").exists()
+
+    rerun = pretrain(params, tokens, tmp_path)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert "resuming from" in stderr
+    assert_same_run(baseline, tmp_path)
+    assert not (tmp_path / "resume/pretrain.pt").exists()  # a finished run leaves no state
+
+
+def test_sigterm_saves_state_and_exits_cleanly_then_resumes(prepared, tmp_path):
+    params, tokens, baseline = prepared
+    run = pretrain(params, tokens, tmp_path)
+    wait_for(tmp_path / "resume/pretrain.pt", run)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 1
+    assert "error: stopped by signal 15" in stderr and "run the stage again" in stderr
+    assert "Traceback" not in stderr
+
+    rerun = pretrain(params, tokens, tmp_path)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert_same_run(baseline, tmp_path)
+
+
+def test_changed_params_start_fresh(prepared, tmp_path, corpus_path):
+    params, tokens, _ = prepared
+    run = pretrain(params, tokens, tmp_path)
+    wait_for(tmp_path / "resume/pretrain.pt", run)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    changed = write_params(tmp_path / "changed.yaml",
+                           {**OVERRIDES, "train": {**OVERRIDES["train"], "lr": 1e-3}}, corpus_path)
+    rerun = pretrain(changed, tokens, tmp_path)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert "other params or data: starting fresh" in stderr
