@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
+# Use the library next to this script, the copy dvc.yaml tracks, not an installed one:
+# a queued experiment runs in its own copy of the repository.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptpipe import cli
 from gptpipe.checkpoint import load_checkpoint, save_checkpoint

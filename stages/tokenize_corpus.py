@@ -6,8 +6,13 @@ tokenize module, which torch imports.)
 
 import hashlib
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+# Use the library next to this script, the copy dvc.yaml tracks, not an installed one:
+# a queued experiment runs in its own copy of the repository.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptpipe import cli
 from gptpipe.data import TOKEN_DTYPE, split_text, write_tokens
