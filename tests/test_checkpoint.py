@@ -62,3 +62,21 @@ def test_a_malicious_pickle_is_refused_and_not_executed(tmp_path):
     assert not marker.exists()
     torch.load(tmp_path / "evil.pt", weights_only=False)  # the unsafe way runs the payload
     assert marker.exists()
+
+
+def test_weights_that_do_not_fit_the_stored_config(tmp_path):
+    model, optimizer = trained_pair()
+    save_checkpoint(tmp_path / "ckpt.pt", model, optimizer, step=1)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["config"]["emb_dim"] = 32  # n_heads 2 still divides it; the tensors are 16 wide
+    torch.save(state, tmp_path / "mixed.pt")
+    with pytest.raises(PipelineError, match="do not fit the model config"):
+        load_model(tmp_path / "mixed.pt", torch.device("cpu"))
+
+
+def test_tied_embeddings_stay_one_parameter_after_loading(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(**{**vars(CFG), "tie_embeddings": True}))
+    save_checkpoint(tmp_path / "tied.pt", model, None, step=0)
+    loaded, _ = load_model(tmp_path / "tied.pt", torch.device("cpu"))
+    assert loaded.out_head.weight is loaded.tok_emb.weight

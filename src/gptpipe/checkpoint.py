@@ -50,7 +50,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_model(path: str | Path, device: torch.device) -> tuple[GPTModel, dict[str, Any]]:
     """The model of a checkpoint, on `device`, in eval mode; and the checkpoint itself."""
     state = load_checkpoint(path, map_location=device)
+    try:
+        config = GPTConfig(**state["config"])
+    except TypeError as e:
+        raise PipelineError(f"{path} has a model config this version does not know ({e}); "
+                            f"re-run pretrain to write it again") from e
     with torch.device("meta"):  # no time spent initialising weights that are overwritten
-        model = GPTModel(GPTConfig(**state["config"]))
-    model.load_state_dict(state["model"], assign=True)
+        model = GPTModel(config)
+    try:
+        model.load_state_dict(state["model"], assign=True)
+    except RuntimeError as e:
+        raise PipelineError(f"the weights in {path} do not fit the model config stored with them "
+                            f"({str(e).splitlines()[0]} ...); the file was altered or mixed from two runs: "
+                            f"re-run pretrain") from e
+    if config.tie_embeddings:  # assign=True replaced the shared Parameter with two
+        model.out_head.weight = model.tok_emb.weight
     return model.to(device).eval(), state
