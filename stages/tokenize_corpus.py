@@ -1,10 +1,12 @@
-"""Stage tokenize: GPT-2 BPE token ids of the train and val splits, plus split metadata.
+"""Stage tokenize: GPT-2 BPE token ids of the train, val (and test) splits, plus split metadata.
+
+The corpus is streamed and encoded on all cores; see gptpipe.corpus for how the splits are
+drawn (by characters for one document, by document for several).
 
 (Not named tokenize.py: run as a script, that name would shadow the standard library's
 tokenize module, which torch imports.)
 """
 
-import hashlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,11 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptpipe import cli
-from gptpipe.data import TOKEN_DTYPE, split_text, write_tokens
-from gptpipe.errors import PipelineError
-from gptpipe.files import write_json
+from gptpipe.corpus import available_cores, tokenize_corpus
 from gptpipe.params import load_params
-from gptpipe.tokenizer import encode, gpt2_encoding
 
 log = logging.getLogger("tokenize")
 
@@ -28,32 +27,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("--corpus", default="data/raw/corpus.txt", help="the UTF-8 text to tokenize")
     parser.add_argument("--out", default="data/tokens", help="directory for <split>.bin and meta.json")
+    parser.add_argument("--workers", type=int, default=available_cores(),
+                        help="encoding threads (the ids do not depend on it)")
     args = parser.parse_args(argv)
     data = load_params(args.params).data
 
-    raw = Path(args.corpus).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{args.corpus} is not UTF-8 ({e}); convert it, e.g. "
-                            f"`iconv -f latin1 -t utf-8`, and point data.url at the result") from e
-    if not text.strip():
-        raise PipelineError(f"{args.corpus} is empty: check data.url")
-
-    out = Path(args.out)
-    splits = {}
-    for split, part in zip(("train", "val"), split_text(text, data.train_ratio)):
-        n_tokens = write_tokens(out / f"{split}.bin", encode(part))
-        splits[split] = {"file": f"{split}.bin", "characters": len(part), "tokens": n_tokens}
-        log.info(f"{split}: {len(part):,} characters, {n_tokens:,} tokens")
-    write_json(out / "meta.json", {
-        "source_sha256": hashlib.sha256(raw).hexdigest(),
-        "tokenizer": "gpt2",
-        "vocab_size": gpt2_encoding().n_vocab,
-        "dtype": TOKEN_DTYPE.__name__,
-        "split": {"by": "characters", "train_ratio": data.train_ratio},
-        "splits": splits,
-    })
+    meta = tokenize_corpus(args.corpus, args.out, data.train_ratio, data.test_ratio, workers=args.workers)
+    log.info(f"{meta['documents']:,} document(s), split by {meta['split']['by']}")
+    for split, info in meta["splits"].items():
+        log.info(f"{split}: {info['characters']:,} characters, {info['tokens']:,} tokens")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ A split is a flat array of uint16 token ids (GPT-2's 50,257 ids fit), readable w
 numpy.memmap, so a window is a slice of the file, never a copy held per window.
 """
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -16,13 +19,32 @@ from gptpipe.files import atomic_path
 TOKEN_DTYPE = np.uint16
 
 
-def write_tokens(path: str | Path, ids: list[int] | np.ndarray) -> int:
-    array = np.asarray(ids)
-    if array.size and int(array.max()) > np.iinfo(TOKEN_DTYPE).max:
-        raise PipelineError(f"token id {int(array.max())} does not fit in {np.dtype(TOKEN_DTYPE).name}")
-    with atomic_path(path) as tmp:
-        array.astype(TOKEN_DTYPE).tofile(tmp)
-    return int(array.size)
+def write_tokens(path: str | Path, ids: Sequence[int] | np.ndarray) -> int:
+    with token_writer(path) as writer:
+        writer.write(ids)
+    return writer.count
+
+
+class TokenWriter:
+    """Appends token ids to an open token file."""
+
+    def __init__(self, file: BinaryIO):
+        self.file = file
+        self.count = 0
+
+    def write(self, ids: Sequence[int] | np.ndarray) -> None:
+        array = np.asarray(ids)
+        if array.size and int(array.max()) > np.iinfo(TOKEN_DTYPE).max:
+            raise PipelineError(f"token id {int(array.max())} does not fit in {np.dtype(TOKEN_DTYPE).name}")
+        self.file.write(array.astype(TOKEN_DTYPE).tobytes())
+        self.count += int(array.size)
+
+
+@contextmanager
+def token_writer(path: str | Path) -> Iterator[TokenWriter]:
+    """A token file written piece by piece, in place at `path` only once the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        yield TokenWriter(file)
 
 
 def read_tokens(path: str | Path) -> np.ndarray:
@@ -81,4 +103,5 @@ def require_windows(n_tokens: int, context_length: int, split: str) -> None:
         raise PipelineError(
             f"the {split} split has {n_tokens} tokens, too few for one window of "
             f"model.context_length={context_length} (+1 for the target): lower model.context_length, "
-            f"change data.train_ratio so the {split} split gets more text, or use a larger corpus")
+            f"change data.train_ratio (or data.test_ratio) so the {split} split gets more text, or use "
+            f"a larger corpus")

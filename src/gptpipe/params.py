@@ -34,6 +34,7 @@ class DataParams:
     sha256: str | None
     max_bytes: int | None
     train_ratio: float
+    test_ratio: float
 
     def __post_init__(self) -> None:
         require(bool(self.url), "data.url", "is empty: give an https/http/file URL or a local path")
@@ -47,6 +48,11 @@ class DataParams:
                 f"must be null (no limit) or at least 1, got {self.max_bytes}")
         require(0.0 < self.train_ratio < 1.0, "data.train_ratio",
                 f"must be between 0 and 1 (exclusive), got {self.train_ratio}")
+        require(0.0 <= self.test_ratio < 1.0, "data.test_ratio",
+                f"must be at least 0 (0: no test split) and below 1, got {self.test_ratio}")
+        require(self.train_ratio + self.test_ratio < 1.0, "data.train_ratio + data.test_ratio",
+                f"({self.train_ratio} + {self.test_ratio}) must be below 1 to leave text for the val "
+                f"split; lower data.train_ratio or data.test_ratio")
 
 
 @dataclass(frozen=True)
