@@ -129,3 +129,27 @@ def test_empty_and_overlong_prompts_are_handled(tmp_path, corpus_path, prompt):
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "s.txt").read_text()
     assert text.startswith(prompt) and len(text) > len(prompt)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from gptpipe import cli
+    from gptpipe.files import write_text
+
+    target = tmp_path / "out.txt"
+    target.write_text("previous")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def main(argv):
+        monkeypatch.setattr("os.fsync", no_space)  # the disk fills as the file is flushed
+        write_text(target, "new")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main)
+    assert exit_info.value.code == 1
+    assert "error: no space left on the device" in capsys.readouterr().err
+    assert target.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]

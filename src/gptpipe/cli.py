@@ -1,6 +1,7 @@
 """What every stage script shares: argument parsing conventions and error reporting."""
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +23,14 @@ def run(main: Callable[[Sequence[str] | None], None]) -> None:
         main(None)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # atomic writes leave the previous version of the file in place
+        print(f"error: no space left on the device writing {e.filename or 'an output'}; free space "
+              f"(e.g. `dvc gc` for old cache entries) or move the DVC cache (`dvc cache dir`)",
+              file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
