@@ -56,8 +56,14 @@ def run_recorded(stage: str, args: list[str], params_path: Path, monkeypatch) ->
     return seen
 
 
-def test_every_stage_reads_exactly_its_declared_params(tmp_path, corpus_path, monkeypatch):
-    params_path = write_params(tmp_path / "params.yaml", TINY, corpus_path)
+# The defaults, and the options that add a test split and bound the evaluation.
+VARIANTS = {"defaults": {},
+            "test-split-max-tokens": {"data": {"test_ratio": 0.05}, "evaluate": {"max_tokens": 64}}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_stage_reads_exactly_its_declared_params(tmp_path, corpus_path, monkeypatch, variant):
+    params_path = write_params(tmp_path / "params.yaml", {**TINY, **variant}, corpus_path)
     d = tmp_path
     runs = {
         "download": ["--out", f"{d}/raw/corpus.txt"],

@@ -83,6 +83,11 @@ class TokenWindows(Dataset):
         return self.tokens[start:end], self.tokens[start + 1:end + 1]
 
 
+def first_windows(tokens: np.ndarray, context_length: int, stride: int, n_windows: int) -> np.ndarray:
+    """The shortest prefix of `tokens` that holds the first `n_windows` windows (all, if fewer)."""
+    return tokens[:(n_windows - 1) * stride + context_length + 1] if n_windows >= 1 else tokens[:0]
+
+
 def collate_windows(batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets = zip(*batch)
     return (torch.from_numpy(np.stack(inputs).astype(np.int64)),

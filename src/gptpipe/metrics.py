@@ -1,9 +1,10 @@
-"""Cross-entropy over windows, and perplexity."""
+"""Cross-entropy over windows, perplexity, and bits per byte."""
 
 import math
 from dataclasses import dataclass
 from itertools import islice
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -45,3 +46,43 @@ def loader_loss(model: torch.nn.Module, loader: DataLoader, device: torch.device
         tokens += n
     model.train(was_training)
     return Loss(total / tokens if tokens else math.nan, tokens)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Cross-entropy summed over target tokens, and the UTF-8 bytes those tokens stand for."""
+    nats: float
+    tokens: int
+    bytes: int
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per target token, in nats."""
+        return self.nats / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """The loss per byte of text instead of per token, in bits: comparable across tokenizers."""
+        return self.nats / (math.log(2) * self.bytes) if self.bytes else math.nan
+
+
+@torch.no_grad()
+def evaluate_windows(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+                     token_bytes: np.ndarray) -> Evaluation:
+    """Cross-entropy over every batch of `loader` and the bytes of its target tokens, whose
+    lengths `token_bytes` gives by token id. Leaves the model in the mode it found it in."""
+    lengths = torch.as_tensor(token_bytes)
+    was_training = model.training
+    model.eval()
+    nats, tokens, n_bytes = 0.0, 0, 0
+    for inputs, targets in loader:
+        n = targets.numel()
+        nats += batch_loss(model, inputs.to(device), targets.to(device)).item() * n
+        tokens += n
+        n_bytes += int(lengths[targets].sum())
+    model.train(was_training)
+    return Evaluation(nats, tokens, n_bytes)

@@ -118,9 +118,12 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
+    max_tokens: int | None
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "evaluate.batch_size", f"must be at least 1, got {self.batch_size}")
+        require(self.max_tokens is None or self.max_tokens >= 1, "evaluate.max_tokens",
+                f"must be null (every window) or at least 1, got {self.max_tokens}")
 
 
 @dataclass(frozen=True)
