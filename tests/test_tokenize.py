@@ -51,6 +51,13 @@ def test_verdict_splits_equal_one_shot_encoding_of_each_part(verdict_path, tmp_p
     assert meta["splits"]["val"]["characters"] == len(text) - cut
 
 
+def test_ids_are_the_same_with_a_tiktoken_older_than_encode_to_numpy(verdict_path, tmp_path, monkeypatch):
+    text = verdict_path.read_text(encoding="utf-8")
+    monkeypatch.delattr(tiktoken.Encoding, "encode_to_numpy")
+    tokenize_corpus(verdict_path, tmp_path, 0.9, chunk_chars=1000, workers=2)
+    assert read_split(tmp_path, "train") == one_shot(text[:int(0.9 * len(text))])
+
+
 def test_test_split_is_the_end_of_the_text(verdict_path, tmp_path):
     text = verdict_path.read_text(encoding="utf-8")
     meta = tokenize_corpus(verdict_path, tmp_path, 0.8, 0.1, chunk_chars=100)

@@ -186,14 +186,23 @@ def split_pieces(path: str | Path, splits: Sequence[Split],
         offset = end
 
 
-def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[tuple[int, str, list[int]]]:
+def encode_ids(text: str) -> np.ndarray:
+    """tokenizer.encode's ids as an array. tiktoken >= 0.9 hands them over without building a
+    Python list, work that would hold the GIL and keep the other threads waiting."""
+    encoding = gpt2_encoding()
+    if hasattr(encoding, "encode_to_numpy"):
+        return encoding.encode_to_numpy(text, allowed_special={END_OF_TEXT})
+    return np.array(encode(text), dtype=np.uint32)
+
+
+def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[tuple[int, str, np.ndarray]]:
     """(key, text, ids) for each (key, text), in order, encoded on `workers` threads (tiktoken
     releases the GIL). Unlike tiktoken's encode_batch, which takes every text at once, at
     most 2 × workers pieces are in flight."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         in_flight: deque = deque()
         for key, text in pieces:
-            in_flight.append((key, text, pool.submit(encode, text)))
+            in_flight.append((key, text, pool.submit(encode_ids, text)))
             if len(in_flight) >= 2 * workers:
                 done_key, done_text, done_ids = in_flight.popleft()
                 yield done_key, done_text, done_ids.result()
