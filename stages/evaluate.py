@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 # Use the library next to this script, the copy dvc.yaml tracks, not an installed one:
 # a queued experiment runs in its own copy of the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -22,6 +24,7 @@ from gptpipe.errors import PipelineError
 from gptpipe.files import write_json
 from gptpipe.metrics import evaluate_windows
 from gptpipe.params import load_params
+from gptpipe.train import autocast, resolve_precision
 
 log = logging.getLogger("evaluate")
 
@@ -34,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     device = resolve_device(params.train.device)
+    amp_dtype = resolve_precision(params.train.precision, device)
     stride, max_tokens = params.train.stride, params.evaluate.max_tokens
 
     model, _ = load_model(args.checkpoint, device)
@@ -52,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             tokens = first_windows(tokens, context_length, stride, max_tokens // context_length)
         loader = window_loader(tokens, context_length, stride, params.evaluate.batch_size,
                                shuffle=False, drop_last=False)
-        result = evaluate_windows(model, loader, device, token_byte_lengths())
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            result = evaluate_windows(model, loader, device, token_byte_lengths())
         report[split] = {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
                          "bits_per_byte": result.bits_per_byte}
         log.info(f"{split}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "

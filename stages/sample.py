@@ -17,6 +17,7 @@ from gptpipe.device import resolve_device
 from gptpipe.files import write_text
 from gptpipe.generate import generate
 from gptpipe.params import load_params
+from gptpipe.train import resolve_precision
 from gptpipe.tokenizer import END_OF_TEXT, decode, encode_prompt, gpt2_encoding
 
 log = logging.getLogger("sample")
@@ -31,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params(args.params)
     opts = params.sample
     device = resolve_device(params.train.device)
+    amp_dtype = resolve_precision(params.train.precision, device)
 
     model, _ = load_model(args.checkpoint, device)
     prompt = torch.tensor([encode_prompt(opts.prompt)], device=device)
@@ -40,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ids = generate(model, prompt, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
                        top_p=opts.top_p, eos_id=gpt2_encoding().eot_token,
                        generator=torch.Generator(device=device).manual_seed(seed),
-                       num_beams=opts.num_beams, length_penalty=opts.length_penalty)
+                       num_beams=opts.num_beams, length_penalty=opts.length_penalty,
+                       autocast_dtype=amp_dtype)
         text = decode(ids[0].tolist()).removesuffix(END_OF_TEXT)
         texts.append(text if opts.num_samples == 1 else
                      f"=== sample {i + 1} of {opts.num_samples} (seed {seed}) ===\n{text}\n")
