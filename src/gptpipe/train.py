@@ -131,6 +131,9 @@ class StopRequested:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def requested(self) -> bool:
+        return self.signal is not None
+
     def handle(self, signum: int, frame) -> None:
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
@@ -162,16 +165,23 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader
           on_epoch_end: Callable[[int], None] | None = None,
           stop: StopRequested | None = None,
           eval_model: torch.nn.Module | None = None,
-          sync_context: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> TrainState:
+          sync_context: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+          eval_train_loader: DataLoader | None = None,
+          main_process: bool = True,
+          world_size: int = 1) -> TrainState:
     """Train until `settings.epochs` epochs (or `max_steps` steps) are done, from `state` if given.
 
     Every `eval_freq` steps, log the mean loss of `eval_iter` batches of each split.
     `save_state(state)` runs every `checkpoint_every` steps and when a stop is requested.
     `eval_model` is the module to evaluate (the unwrapped one under DDP or torch.compile);
     `sync_context(is_last_micro_batch)` lets DDP skip gradient sync on earlier micro-batches.
+    `eval_train_loader` gives the train batches of the logged train loss (default: `train_loader`,
+    as the book). Under DDP each of the `world_size` processes trains on its own share of every
+    batch: tokens_seen counts them all, and only the `main_process` evaluates and shows progress.
     """
     state = state or TrainState()
     eval_model = eval_model or model
+    eval_train_loader = eval_train_loader or train_loader
     accum = settings.grad_accum_steps
     start = time.perf_counter() - state.seconds
     while state.epoch <= settings.epochs and not done(state, settings):
@@ -179,7 +189,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader
         batches = epoch_batches(train_loader, state)
         n_batches = len(train_loader)
         progress = tqdm(total=n_batches, initial=state.batches_done, leave=False,
-                        desc=f"epoch {state.epoch}/{settings.epochs}")
+                        desc=f"epoch {state.epoch}/{settings.epochs}", disable=not main_process)
         for inputs, targets in batches:
             index = state.batches_done
             group_start = index - index % accum
@@ -196,7 +206,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader
                     f"the weights are not saved from this point. Lower train.lr, set train.grad_clip, "
                     f"or use train.precision: fp32; a resume starts from the last good checkpoint")
             state.batches_done += 1
-            state.tokens_seen += inputs.numel()
+            state.tokens_seen += inputs.numel() * world_size
             progress.update(1)
             if not last_in_group:
                 continue
@@ -204,7 +214,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader
             lr = schedule.lr_at(state.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            evaluating = state.step % settings.eval_freq == 0
+            evaluating = main_process and state.step % settings.eval_freq == 0
             grad_norm = math.nan
             if settings.grad_clip:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip).item()
@@ -218,7 +228,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader
 
             if evaluating:
                 with autocast(device, amp_dtype):
-                    train_loss = loader_loss(eval_model, train_loader, device, settings.eval_iter).loss
+                    train_loss = loader_loss(eval_model, eval_train_loader, device, settings.eval_iter).loss
                     val_loss = loader_loss(eval_model, val_loader, device, settings.eval_iter).loss
                 record = LogRecord(step, state.epoch, state.tokens_seen, train_loss, val_loss, lr,
                                    grad_norm)
@@ -228,7 +238,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader
             state.seconds = time.perf_counter() - start
             if save_state and settings.checkpoint_every and state.step % settings.checkpoint_every == 0:
                 save_state(state)
-            if stop is not None and stop.signal is not None:
+            if stop is not None and stop.requested():
                 if save_state:
                     save_state(state)
                 raise TrainingStopped(f"stopped by signal {stop.signal} after step {step}")
