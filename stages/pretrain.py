@@ -3,8 +3,12 @@
 A resumable state is saved every train.checkpoint_every steps and on Ctrl-C/SIGTERM under
 --resume-dir, which is not a DVC output (DVC deletes outputs before re-running a stage).
 Re-running with the same params and tokens resumes from it; otherwise training starts fresh.
+
+Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) it trains with DistributedDataParallel;
+with train.nproc > 1 and no torchrun around it, it relaunches itself under torchrun.
 """
 
+import argparse
 import hashlib
 import json
 import logging
@@ -27,6 +31,8 @@ from gptpipe import cli
 from gptpipe.checkpoint import load_checkpoint, save_checkpoint
 from gptpipe.data import read_tokens, require_windows, window_loader
 from gptpipe.device import resolve_device
+from gptpipe.distributed import (AgreedStop, Processes, data_parallel, process_group, run_torchrun,
+                                 same_on_all, sharded_loader, under_torchrun)
 from gptpipe.errors import PipelineError
 from gptpipe.files import atomic_open, write_json
 from gptpipe.generate import generate
@@ -52,8 +58,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resume-dir", default="data/resume", help="where the resumable state lives")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if params.train.nproc > 1 and not under_torchrun():
+        status = run_torchrun(params.train.nproc, Path(__file__).resolve(),
+                              sys.argv[1:] if argv is None else argv)
+        if status != 0:
+            sys.exit(status)
+        return
+    with process_group(resolve_device(params.train.device)) as (processes, device):
+        if not processes.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        pretrain(args, params, processes, device)
+
+
+def pretrain(args: argparse.Namespace, params: Params, processes: Processes, device: torch.device) -> None:
     cfg, opts = params.model, params.train
-    device = resolve_device(opts.device)
     amp_dtype = resolve_precision(opts.precision, device)
 
     tokens = {split: read_tokens(Path(args.tokens) / f"{split}.bin") for split in ("train", "val")}
@@ -62,7 +80,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     # As in the book: the training batches are shuffled and the last partial one dropped;
     # validation keeps its order and every window.
     loader_args = dict(context_length=cfg.context_length, stride=opts.stride, batch_size=opts.batch_size)
-    train_loader = window_loader(tokens["train"], **loader_args, shuffle=True, drop_last=True)
+    if processes.distributed:
+        # Each process trains on its share of every global batch. The logged train loss is
+        # measured on the first global batches of the windows in order, so that, like the
+        # training itself, it does not depend on the number of processes.
+        train_loader = sharded_loader(tokens["train"], cfg.context_length, opts.stride, opts.batch_size,
+                                      processes, opts.seed)
+        eval_train_loader = window_loader(tokens["train"], **loader_args, shuffle=False, drop_last=True)
+    else:
+        train_loader = window_loader(tokens["train"], **loader_args, shuffle=True, drop_last=True)
+        eval_train_loader = train_loader  # the book evaluates on the shuffled training batches
     val_loader = window_loader(tokens["val"], **loader_args, shuffle=False, drop_last=False)
     if len(train_loader) == 0:
         raise PipelineError(
@@ -73,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(opts.seed)  # fixes the initial weights, the batch order and dropout
     model = initial_model(cfg.config, cfg.init_from).to(device)
     optimizer = make_optimizer(model, opts.lr, opts.weight_decay, fused=opts.precision != "fp32")
-    log.info(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}, "
+    on_processes = f" × {processes.world_size} processes" if processes.distributed else ""
+    log.info(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}{on_processes}, "
              f"{'bf16 autocast' if amp_dtype else 'fp32'}; {len(train_loader)} batches per epoch")
 
     steps_per_epoch = math.ceil(len(train_loader) / opts.grad_accum_steps)
@@ -86,8 +114,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                             opts.grad_clip, opts.max_steps, opts.checkpoint_every)
 
     resume_path = Path(args.resume_dir) / "pretrain.pt"
-    run_id = fingerprint(params, Path(args.tokens))
+    run_id = fingerprint(params, Path(args.tokens), processes)
     state = resume(resume_path, run_id, model, optimizer, device)
+    if processes.distributed and not same_on_all(state.step if state else -1, device):
+        raise PipelineError(f"the processes found different resumable states in {resume_path}: it must be "
+                            f"the same file on every machine (a shared filesystem), or absent on all; "
+                            f"delete it to start fresh")
 
     def save_state(state: TrainState) -> None:
         save_checkpoint(resume_path, model, optimizer, run_id=run_id, rng=rng_states(),
@@ -99,26 +131,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         ids = generate(model, prompt, max_new_tokens=50)
         log.info(f"epoch {epoch} sample: {decode(ids[0].tolist())!r}")
 
-    trained_model = torch.compile(model) if opts.compile else model
+    trained_model, sync_context = model, None
+    if processes.distributed:
+        trained_model, sync_context = data_parallel(model, device)
+    if opts.compile:
+        trained_model = torch.compile(trained_model)
+    # Only rank 0 evaluates, logs and writes files; every process takes every training step.
+    main_process = processes.is_main
     try:
-        with StopRequested().installed() as stop:
+        with (AgreedStop(device) if processes.distributed else StopRequested()).installed() as stop:
             state = train(trained_model, optimizer, train_loader, val_loader, device, settings, schedule,
-                          amp_dtype, state, save_state, on_epoch_end=log_sample, stop=stop,
-                          eval_model=model)
+                          amp_dtype, state, save_state if main_process else None,
+                          on_epoch_end=log_sample if main_process else None, stop=stop,
+                          eval_model=model, sync_context=sync_context, eval_train_loader=eval_train_loader,
+                          main_process=main_process, world_size=processes.world_size)
     except TrainingStopped as e:
         raise PipelineError(f"{e}; the state is saved in {resume_path}: run the stage again "
                             f"(dvc repro) to resume") from e
 
-    save_checkpoint(args.checkpoint, model, optimizer, step=state.step, epoch=min(state.epoch, opts.epochs),
-                    tokens_seen=state.tokens_seen)
-    write_logs(state, args.losses, args.figures, args.metrics)
-    resume_path.unlink(missing_ok=True)
+    if main_process:
+        save_checkpoint(args.checkpoint, model, optimizer, step=state.step,
+                        epoch=min(state.epoch, opts.epochs), tokens_seen=state.tokens_seen)
+        write_logs(state, args.losses, args.figures, args.metrics)
+        resume_path.unlink(missing_ok=True)
 
 
-def fingerprint(params: Params, tokens_dir: Path) -> str:
-    """Identifies a run: a saved state is resumed only by a run with the same params and data."""
+def fingerprint(params: Params, tokens_dir: Path, processes: Processes) -> str:
+    """Identifies a run: a saved state is resumed only by a run with the same params, data and
+    number of processes (a plain process, which has the book's data order, is none)."""
     meta = (tokens_dir / "meta.json").read_bytes() if (tokens_dir / "meta.json").exists() else b""
-    text = json.dumps({"model": asdict(params.model), "train": asdict(params.train)}, sort_keys=True)
+    text = json.dumps({"model": asdict(params.model), "train": asdict(params.train),
+                       "processes": processes.world_size if processes.distributed else None},
+                      sort_keys=True)
     return hashlib.sha256(text.encode() + meta).hexdigest()
 
 

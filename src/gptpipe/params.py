@@ -94,9 +94,10 @@ class TrainParams:
     grad_accum_steps: int
     max_steps: int | None
     checkpoint_every: int | None
+    nproc: int
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "stride", "eval_freq", "eval_iter", "grad_accum_steps"):
+        for key in ("batch_size", "stride", "eval_freq", "eval_iter", "grad_accum_steps", "nproc"):
             require(getattr(self, key) >= 1, f"train.{key}", f"must be at least 1, got {getattr(self, key)}")
         require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
         require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -113,6 +114,9 @@ class TrainParams:
         for key in ("max_steps", "checkpoint_every"):
             value = getattr(self, key)
             require(value is None or value >= 1, f"train.{key}", f"must be null or at least 1, got {value}")
+        require(self.batch_size % self.nproc == 0, "train.batch_size",
+                f"({self.batch_size}) is the global batch, split evenly between train.nproc "
+                f"({self.nproc}) processes: make it a multiple of train.nproc")
 
 
 @dataclass(frozen=True)
