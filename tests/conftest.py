@@ -1,9 +1,11 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gptpipe.download import download
@@ -74,6 +76,42 @@ def write_params(path: Path, overrides: dict, corpus: Path | None = None) -> Pat
     return path
 
 
+# dvc exp run commits experiments to git: give it an identity on machines without one.
+# Queue workers inherit it from `dvc queue start`.
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
+def run_dvc(project: Path, *args: str, timeout: float = 600) -> str:
+    """Run the real dvc CLI in `project`; fail the test with its output if it fails."""
+    # DVC keeps per-repo indexes under /var/tmp/dvc unless told otherwise: keep them in the
+    # test's own temporary folder, for this repo, its clones and the queue's copies alike.
+    env = {**os.environ, **GIT_IDENTITY, "DVC_SITE_CACHE_DIR": str(project.parent / "dvc-site-cache"),
+           # the stages' `python` must be this interpreter, even outside an activated venv
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, env=env,
+                            timeout=timeout)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def git_commit(project: Path, message: str) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", message], cwd=project, check=True,
+                   env={**os.environ, **GIT_IDENTITY})
+
+
+class UniformModel(torch.nn.Module):
+    """Gives every token the same probability: ln(vocab) nats per token, perplexity vocab."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, idx):
+        return torch.zeros(*idx.shape, self.vocab)
+
+
 PROJECT_FILES = [".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "dvc.yaml",
                  "params.yaml", "stages", "src"]
 
@@ -91,8 +129,6 @@ def dvc_project(tmp_path, corpus_path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     write_params(project / "params.yaml", TINY, corpus_path)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=project, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
-    subprocess.run(git + ["commit", "-qm", "project"], cwd=project, check=True)
+    git_commit(project, "project")
     return project

@@ -1,7 +1,6 @@
 """End to end with the real dvc CLI, in a committed copy of the project on the tiny config."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -11,27 +10,11 @@ import pytest
 import torch
 import yaml
 
+from conftest import git_commit, run_dvc
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 STAGES = ["download", "tokenize", "pretrain", "evaluate", "sample"]
-
-
-# dvc exp run commits experiments to git: give it an identity on machines without one.
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
-
-
-def dvc(project: Path, *args: str) -> str:
-    result = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True,
-                            env={**os.environ, **GIT_IDENTITY})
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def commit(project: Path, message: str) -> None:
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
-    subprocess.run(git + ["commit", "-qm", message], cwd=project, check=True)
 
 
 def set_param(project: Path, group: str, key: str, value) -> None:
@@ -47,8 +30,8 @@ def ran_stages(output: str) -> set[str]:
 
 def test_repro_status_experiments_metrics_plots(dvc_project):
     project = dvc_project
-    assert ran_stages(dvc(project, "repro")) == set(STAGES)
-    assert json.loads(dvc(project, "status", "--json")) == {}
+    assert ran_stages(run_dvc(project, "repro")) == set(STAGES)
+    assert json.loads(run_dvc(project, "status", "--json")) == {}
 
     # Every output exists and parses.
     meta = json.loads((project / "data/tokens/meta.json").read_text())
@@ -70,35 +53,35 @@ def test_repro_status_experiments_metrics_plots(dvc_project):
         assert evaluation[split]["perplexity"] == pytest.approx(np.exp(evaluation[split]["loss"]))
         assert evaluation[split]["tokens"] > 0
     assert (project / "data/samples/sample.txt").read_text().startswith("Every effort moves you")
-    commit(project, "baseline run")
+    git_commit(project, "baseline run")
 
     # A sampling param invalidates only the sample stage.
     set_param(project, "sample", "temperature", 0.7)
-    assert set(json.loads(dvc(project, "status", "--json"))) == {"sample"}
+    assert set(json.loads(run_dvc(project, "status", "--json"))) == {"sample"}
     subprocess.run(["git", "checkout", "params.yaml"], cwd=project, check=True)
 
     # The learning rate re-runs training and what follows it, not the data stages.
-    out = dvc(project, "exp", "run", "-S", "train.lr=5e-4")
+    out = run_dvc(project, "exp", "run", "-S", "train.lr=5e-4")
     assert ran_stages(out) == {"pretrain", "evaluate", "sample"}
     assert pd.read_csv(project / "plots/losses.csv")["lr"].eq(0.0005).all()
-    diff = json.loads(dvc(project, "metrics", "diff", "--json"))
+    diff = json.loads(run_dvc(project, "metrics", "diff", "--json"))
     assert {"val.loss", "val.perplexity"} <= set(diff["metrics/eval.json"])
-    shown = dvc(project, "exp", "show", "--csv")
+    shown = run_dvc(project, "exp", "show", "--csv")
     assert "val.loss" in shown and "train.lr" in shown
 
     html_dir = project / "plots_html"
-    dvc(project, "plots", "show", "-o", str(html_dir))
+    run_dvc(project, "plots", "show", "-o", str(html_dir))
     html = (html_dir / "index.html").read_text()
     assert "loss_by_step.png" in html and "Perplexity" in html
 
 
 def test_forced_reruns_are_bitwise_identical(dvc_project):
     project = dvc_project
-    dvc(project, "repro")
+    run_dvc(project, "repro")
     outputs = ["metrics/eval.json", "plots/losses.csv", "data/samples/sample.txt"]
     first = {name: (project / name).read_bytes() for name in outputs}
     first_weights = torch.load(project / "data/model/checkpoint.pt", weights_only=True)["model"]
-    dvc(project, "repro", "--force", "pretrain", "evaluate", "sample")
+    run_dvc(project, "repro", "--force", "pretrain", "evaluate", "sample")
     for name in outputs:
         assert (project / name).read_bytes() == first[name], name
     second_weights = torch.load(project / "data/model/checkpoint.pt", weights_only=True)["model"]

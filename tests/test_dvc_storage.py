@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+from conftest import git_commit, run_dvc
 
-# dvc exp run commits experiments to git: give it an identity on machines without one.
-# Queue workers inherit it from `dvc queue start`.
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 # The tiny config with windows 4x sparser: 9 training steps instead of 36. These tests
 # check what DVC stores and restores, not what the model learns.
@@ -24,20 +21,7 @@ QUEUE_TIMEOUT_S = 300
 
 
 def dvc(project: Path, *args: str) -> str:
-    # DVC keeps per-repo indexes under /var/tmp/dvc unless told otherwise: keep them in the
-    # test's own temporary folder, for this repo, its clone and the queue's copies alike.
-    site_cache = project.parent / "dvc-site-cache"
-    env = {**os.environ, **GIT_IDENTITY, "DVC_SITE_CACHE_DIR": str(site_cache)}
-    result = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True,
-                            env=env, timeout=QUEUE_TIMEOUT_S)
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def commit_all(project: Path, message: str) -> None:
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
-    subprocess.run(git + ["commit", "-qm", message], cwd=project, check=True)
+    return run_dvc(project, *args, timeout=QUEUE_TIMEOUT_S)
 
 
 def use_sparse_windows(project: Path) -> None:
@@ -45,7 +29,7 @@ def use_sparse_windows(project: Path) -> None:
     params = yaml.safe_load(path.read_text())
     params["train"]["stride"] = SPARSE_STRIDE
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-    commit_all(project, "sparse windows")
+    git_commit(project, "sparse windows")
 
 
 def output_files(project: Path) -> dict[str, bytes]:
@@ -62,7 +46,7 @@ def test_push_then_pull_in_a_fresh_clone_restores_every_output(dvc_project, tmp_
     dvc(project, "repro")
     storage = tmp_path / "storage"
     dvc(project, "remote", "add", "-d", "storage", str(storage))
-    commit_all(project, "run, shared through the storage remote")  # dvc.lock and .dvc/config
+    git_commit(project, "run, shared through the storage remote")  # dvc.lock and .dvc/config
     dvc(project, "push")
     originals = output_files(project)
     assert {"data/model/checkpoint.pt", "metrics/eval.json", "data/tokens/meta.json"} <= set(originals)

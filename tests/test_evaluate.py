@@ -8,7 +8,7 @@ import pytest
 import tiktoken
 import torch
 
-from conftest import ROOT, write_params
+from conftest import ROOT, UniformModel, write_params
 from gptpipe.checkpoint import save_checkpoint
 from gptpipe.corpus import token_byte_lengths, tokenize_corpus
 from gptpipe.data import TokenWindows, first_windows, read_tokens, window_loader
@@ -20,16 +20,6 @@ from gptpipe.params import load_params
 GPT2 = tiktoken.get_encoding("gpt2")
 CPU = torch.device("cpu")
 
-
-class Uniform(torch.nn.Module):
-    """The same probability for every token: ln(vocab) nats per token."""
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.vocab = vocab
-
-    def forward(self, idx):
-        return torch.zeros(*idx.shape, self.vocab)
 
 
 def target_bytes(tokens: np.ndarray, context_length: int, stride: int) -> int:
@@ -50,7 +40,7 @@ def test_token_byte_lengths_are_the_decoded_bytes():
 def test_uniform_model_bits_per_byte(verdict_path, stride):
     tokens = np.array(GPT2.encode(verdict_path.read_text(encoding="utf-8")[:3000]), dtype=np.uint16)
     loader = window_loader(tokens, 8, stride, batch_size=5, shuffle=False, drop_last=False)
-    result = evaluate_windows(Uniform(GPT2.n_vocab), loader, CPU, token_byte_lengths())
+    result = evaluate_windows(UniformModel(GPT2.n_vocab), loader, CPU, token_byte_lengths())
     n_bytes = target_bytes(tokens, 8, stride)
     assert result.tokens == len(loader.dataset) * 8 and result.bytes == n_bytes
     assert result.loss == pytest.approx(math.log(GPT2.n_vocab))

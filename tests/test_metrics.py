@@ -1,33 +1,19 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
+from conftest import UniformModel
 from gptpipe.data import window_loader
 from gptpipe.metrics import batch_loss, loader_loss, perplexity
 from gptpipe.model import GPTConfig, GPTModel
 
 
-class Uniform(torch.nn.Module):
-    """Predicts every token with equal probability: loss ln(vocab), perplexity vocab."""
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.vocab = vocab
-
-    def forward(self, idx):
-        return torch.zeros(*idx.shape, self.vocab)
-
-
 def test_uniform_model_loss_is_log_vocab():
     inputs = torch.randint(0, 50, (2, 5))
-    assert batch_loss(Uniform(50), inputs, inputs).item() == pytest_approx(math.log(50))
-    assert perplexity(math.log(50)) == pytest_approx(50)
-
-
-def pytest_approx(x):
-    import pytest
-    return pytest.approx(x, rel=1e-6)
+    assert batch_loss(UniformModel(50), inputs, inputs).item() == pytest.approx(math.log(50))
+    assert perplexity(math.log(50)) == pytest.approx(50)
 
 
 def test_loader_loss_weights_every_token_equally():
@@ -40,7 +26,7 @@ def test_loader_loss_weights_every_token_equally():
     one_batch = window_loader(tokens, 8, 8, batch_size=100, shuffle=False, drop_last=False)
     x, y = next(iter(one_batch))
     assert full.tokens == y.numel() == len(loader.dataset) * 8
-    assert full.loss == pytest_approx(batch_loss(model, x, y).item())
+    assert full.loss == pytest.approx(batch_loss(model, x, y).item())
     first = loader_loss(model, loader, torch.device("cpu"), max_batches=1)
     assert first.tokens == 3 * 8
     assert model.training is False
