@@ -42,7 +42,8 @@ from gptpipe.params import Params, load_params
 from gptpipe.plotting import save_loss_figures
 from gptpipe.tokenizer import decode, encode_prompt
 from gptpipe.train import (LogRecord, LoopSettings, LRSchedule, StopRequested, TrainingStopped,
-                           TrainState, make_optimizer, resolve_precision, train, warmup_steps)
+                           TrainState, allow_fast_float32, make_optimizer, resolve_precision, train,
+                           warmup_steps)
 from gptpipe.weights import initial_model
 
 log = logging.getLogger("pretrain")
@@ -73,19 +74,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 def pretrain(args: argparse.Namespace, params: Params, processes: Processes, device: torch.device) -> None:
     cfg, opts = params.model, params.train
     amp_dtype = resolve_precision(opts.precision, device)
+    allow_fast_float32(device, opts.precision)
 
     tokens = {split: read_tokens(Path(args.tokens) / f"{split}.bin") for split in ("train", "val")}
     for split, ids in tokens.items():
         require_windows(len(ids), cfg.context_length, split)
     # As in the book: the training batches are shuffled and the last partial one dropped;
     # validation keeps its order and every window.
-    loader_args = dict(context_length=cfg.context_length, stride=opts.stride, batch_size=opts.batch_size)
+    pin_memory = device.type == "cuda"
+    loader_args = dict(context_length=cfg.context_length, stride=opts.stride, batch_size=opts.batch_size,
+                       pin_memory=pin_memory)
     if processes.distributed:
         # Each process trains on its share of every global batch. The logged train loss is
         # measured on the first global batches of the windows in order, so that, like the
         # training itself, it does not depend on the number of processes.
         train_loader = sharded_loader(tokens["train"], cfg.context_length, opts.stride, opts.batch_size,
-                                      processes, opts.seed)
+                                      processes, opts.seed, pin_memory)
         eval_train_loader = window_loader(tokens["train"], **loader_args, shuffle=False, drop_last=True)
     else:
         train_loader = window_loader(tokens["train"], **loader_args, shuffle=True, drop_last=True)

@@ -95,11 +95,13 @@ def collate_windows(batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.T
 
 
 def window_loader(tokens: np.ndarray, context_length: int, stride: int, batch_size: int,
-                  shuffle: bool, drop_last: bool) -> DataLoader:
+                  shuffle: bool, drop_last: bool, pin_memory: bool = False) -> DataLoader:
     """Batches of windows. Shuffling draws from torch's global RNG, as the book's loader does,
-    so `torch.manual_seed` fixes the order."""
+    so `torch.manual_seed` fixes the order. `pin_memory` (for CUDA) lets batches be copied to
+    the GPU while it computes."""
     return DataLoader(TokenWindows(tokens, context_length, stride), batch_size=batch_size,
-                      shuffle=shuffle, drop_last=drop_last, collate_fn=collate_windows)
+                      shuffle=shuffle, drop_last=drop_last, collate_fn=collate_windows,
+                      pin_memory=pin_memory)
 
 
 def require_windows(n_tokens: int, context_length: int, split: str) -> None:

@@ -112,7 +112,7 @@ def per_process_batch(batch_size: int, world_size: int) -> int:
 
 
 def sharded_loader(tokens: np.ndarray, context_length: int, stride: int, batch_size: int,
-                   processes: Processes, seed: int) -> DataLoader:
+                   processes: Processes, seed: int, pin_memory: bool = False) -> DataLoader:
     """This process's share of each global batch of `batch_size` windows.
 
     The DistributedSampler shuffles all windows with `seed` + epoch (set_epoch), drops the
@@ -124,7 +124,7 @@ def sharded_loader(tokens: np.ndarray, context_length: int, stride: int, batch_s
     sampler = DistributedSampler(windows, num_replicas=processes.world_size, rank=processes.rank,
                                  shuffle=True, seed=seed, drop_last=True)
     return DataLoader(windows, batch_size=per_process_batch(batch_size, processes.world_size),
-                      sampler=sampler, drop_last=True, collate_fn=collate_windows)
+                      sampler=sampler, drop_last=True, collate_fn=collate_windows, pin_memory=pin_memory)
 
 
 def data_parallel(model: torch.nn.Module, device: torch.device

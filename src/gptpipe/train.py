@@ -46,6 +46,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if fast_bf16 else None
 
 
+def allow_fast_float32(device: torch.device, precision: str) -> None:
+    """On CUDA, let float32 matmuls use TF32 tensor cores unless fp32 was asked for exactly."""
+    if device.type == "cuda" and precision != "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
