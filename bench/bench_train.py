@@ -26,7 +26,8 @@ from gptpipe.data import split_text, window_loader  # noqa: E402
 from gptpipe.metrics import batch_loss  # noqa: E402
 from gptpipe.model import GPTConfig, GPTModel, from_book_state_dict  # noqa: E402
 from gptpipe.tokenizer import encode  # noqa: E402
-from gptpipe.train import autocast, make_optimizer  # noqa: E402
+from gptpipe.precision import autocast  # noqa: E402
+from gptpipe.train import make_optimizer  # noqa: E402
 
 
 def batches(n: int, batch_size: int, context: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

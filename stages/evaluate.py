@@ -24,7 +24,7 @@ from gptpipe.errors import PipelineError
 from gptpipe.files import write_json
 from gptpipe.metrics import evaluate_windows
 from gptpipe.params import load_params
-from gptpipe.train import autocast, resolve_precision
+from gptpipe.precision import autocast, resolve_precision
 
 log = logging.getLogger("evaluate")
 

@@ -40,10 +40,10 @@ from gptpipe.metrics import perplexity
 from gptpipe.model import GPTModel
 from gptpipe.params import Params, load_params
 from gptpipe.plotting import save_loss_figures
+from gptpipe.precision import allow_fast_float32, resolve_precision
 from gptpipe.tokenizer import decode, encode_prompt
 from gptpipe.train import (LogRecord, LoopSettings, LRSchedule, StopRequested, TrainingStopped,
-                           TrainState, allow_fast_float32, make_optimizer, resolve_precision, train,
-                           warmup_steps)
+                           TrainState, make_optimizer, train, warmup_steps)
 from gptpipe.weights import initial_model
 
 log = logging.getLogger("pretrain")

@@ -17,7 +17,7 @@ from gptpipe.device import resolve_device
 from gptpipe.files import write_text
 from gptpipe.generate import generate
 from gptpipe.params import load_params
-from gptpipe.train import resolve_precision
+from gptpipe.precision import decoding_dtype
 from gptpipe.tokenizer import END_OF_TEXT, decode, encode_prompt, gpt2_encoding
 
 log = logging.getLogger("sample")
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params(args.params)
     opts = params.sample
     device = resolve_device(params.train.device)
-    amp_dtype = resolve_precision(params.train.precision, device)
+    amp_dtype = decoding_dtype(params.train.precision, device)
 
     model, _ = load_model(args.checkpoint, device)
     prompt = torch.tensor([encode_prompt(opts.prompt)], device=device)

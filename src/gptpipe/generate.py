@@ -8,11 +8,11 @@ window slides, every token moves to a new position and so every key and value ch
 the cache is rebuilt from the last context_length tokens at each step.
 """
 
-from contextlib import nullcontext
 
 import torch
 
 from gptpipe.model import GPTModel, KVCache
+from gptpipe.precision import autocast
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -51,11 +51,6 @@ def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None) -> to
         cache.clear()
         idx = idx[:, -context_length:]
     return model(idx[:, len(cache):], cache)[:, -1, :].float()
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed-precision context for `dtype` (e.g. torch.bfloat16); None runs in the model's dtype."""
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 # no_grad, not inference_mode: under inference_mode autocast does not cache its casts of the

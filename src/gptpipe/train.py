@@ -21,43 +21,12 @@ from tqdm import tqdm
 
 from gptpipe.errors import PipelineError
 from gptpipe.metrics import batch_loss, loader_loss
+from gptpipe.precision import autocast
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- speed: precision, optimizer
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` (auto, fp32, bf16) on `device`; None means fp32.
-
-    auto uses bf16 where the hardware multiplies it fast: CPUs with AMX tiles, CUDA GPUs
-    from Ampere on. Elsewhere bf16 is emulated and slower than fp32.
-    """
-    if precision == "fp32":
-        return None
-    fast_bf16 = (torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-                 if device.type == "cuda" else
-                 device.type == "cpu" and torch.cpu._is_amx_tile_supported())
-    if precision == "bf16":
-        if device.type == "mps" or (device.type == "cuda" and not fast_bf16):
-            raise PipelineError(f"train.precision is bf16 but {device} does not support it; "
-                                f"use train.precision: auto or fp32")
-        return torch.bfloat16
-    return torch.bfloat16 if fast_bf16 else None
-
-
-def allow_fast_float32(device: torch.device, precision: str) -> None:
-    """On CUDA, let float32 matmuls use TF32 tensor cores unless fp32 was asked for exactly."""
-    if device.type == "cuda" and precision != "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
                    fused: bool) -> torch.optim.AdamW:
