@@ -1,4 +1,4 @@
-"""Tokenize throughput and memory at scale: our streaming, multi-threaded tokenize stage against
+"""Tokenize throughput and memory at scale: our streaming, multi-process tokenize stage against
 single-threaded tiktoken, and the memory of one pretrain epoch's data loading.
 
 For each size, a seeded synthetic corpus (bench/synthetic.py: GPT-2's whole-word tokens,
@@ -6,7 +6,7 @@ Zipf-weighted, in documents joined by <|endoftext|>) is tokenized
 
 - by tiktoken's encode_ordinary on one thread, 1 MB of text at a time (the baseline), and
 - by gptpipe.corpus.tokenize_corpus, the tokenize stage's function (scan, split, encode on
-  `--workers` threads, write the token files), for each worker count;
+  `--workers` processes, write the token files), for each worker count;
 
 then one pretrain epoch's data loading iterates the window loader over the train split (the
 book's context 256, stride 256, batch 2, shuffled; no model). Each runs in its own process:
@@ -22,6 +22,7 @@ must stay flat). Throughput is corpus bytes over the wall time of the work, impo
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -85,8 +86,10 @@ def child_tokenize(corpus: Path, out: Path, workers: int) -> dict:
         meta = tokenize_corpus(corpus, out, 0.9, workers=workers)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(split["tokens"] for split in meta["splits"].values())
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens, "documents": meta["documents"],
-            "peak_anon_kb": memory.peak_kb}
+    workers_usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the encoding processes, ended
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds + workers_usage.ru_utime + workers_usage.ru_stime,
+            "tokens": tokens, "documents": meta["documents"], "peak_anon_kb": memory.peak_kb,
+            "worker_peak_rss_kb": workers_usage.ru_maxrss}
 
 
 def child_loader(tokens_dir: Path, context_length: int, stride: int, batch_size: int) -> dict:
@@ -167,14 +170,15 @@ def main() -> None:
                          "speedup": baseline_s / run["seconds"] if tokenizing else None})
 
     print(f"\n{'corpus':>8}  {'run':<36} {'MB/s':>7} {'vs 1 thread':>11} {'CPU s/MB':>8} "
-          f"{'peak RSS':>9} {'peak anon':>9}")
+          f"{'peak RSS':>9} {'peak anon':>9} {'worker RSS':>10}")
     for r in rows:
         tokenizing = r["speedup"] is not None
         speed = f"{r['mb_per_s']:7.2f}" if tokenizing else f"{'':>7}"
         speedup = f"{r['speedup']:10.2f}x" if tokenizing else f"({r['seconds']:.1f} s)"
         cpu = f"{r['cpu_seconds'] / r['size_mb']:8.3f}" if tokenizing else f"{'':>8}"
         print(f"{r['size_mb']:6.0f}MB  {r['run']:<36} {speed} {speedup:>11} {cpu} "
-              f"{r['peak_rss_kb'] / 1024:7.0f}MB {r['peak_anon_kb'] / 1024:7.0f}MB")
+              f"{r['peak_rss_kb'] / 1024:7.0f}MB {r['peak_anon_kb'] / 1024:7.0f}MB "
+              f"{r.get('worker_peak_rss_kb', 0) / 1024:8.0f}MB")
     if len(args.sizes_mb) > 1:
         print(f"\npeak memory, {args.sizes_mb[-1]:g} MB over {args.sizes_mb[0]:g} MB (goal: within 10%):")
         for name in dict.fromkeys(r["run"] for r in rows):

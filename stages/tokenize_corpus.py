@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--corpus", default="data/raw/corpus.txt", help="the UTF-8 text to tokenize")
     parser.add_argument("--out", default="data/tokens", help="directory for <split>.bin and meta.json")
     parser.add_argument("--workers", type=int, default=available_cores(),
-                        help="encoding threads (the ids do not depend on it)")
+                        help="encoding processes (the ids do not depend on it)")
     args = parser.parse_args(argv)
     data = load_params(args.params).data
 

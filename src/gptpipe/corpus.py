@@ -23,7 +23,7 @@ import re
 from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cache
@@ -187,8 +187,7 @@ def split_pieces(path: str | Path, splits: Sequence[Split],
 
 
 def encode_ids(text: str) -> np.ndarray:
-    """tokenizer.encode's ids as an array. tiktoken >= 0.9 hands them over without building a
-    Python list, work that would hold the GIL and keep the other threads waiting."""
+    """tokenizer.encode's ids as an array (tiktoken >= 0.9 builds it without a Python list)."""
     encoding = gpt2_encoding()
     if hasattr(encoding, "encode_to_numpy"):
         return encoding.encode_to_numpy(text, allowed_special={END_OF_TEXT})
@@ -196,10 +195,16 @@ def encode_ids(text: str) -> np.ndarray:
 
 
 def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[tuple[int, str, np.ndarray]]:
-    """(key, text, ids) for each (key, text), in order, encoded on `workers` threads (tiktoken
-    releases the GIL). Unlike tiktoken's encode_batch, which takes every text at once, at
-    most 2 × workers pieces are in flight."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    """(key, text, ids) for each (key, text), in order, encoded in `workers` processes. Unlike
+    tiktoken's encode_batch, which takes every text at once, at most 2 × workers pieces are in
+    flight. Processes, not threads: on 2 cores, threads reached 1.5× one thread's speed and
+    processes 1.8-2.2× (tiktoken keeps the GIL for part of each call)."""
+    if workers == 1:
+        for key, text in pieces:
+            yield key, text, encode_ids(text)
+        return
+    gpt2_encoding()  # loaded once here: forked workers inherit it
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         in_flight: deque = deque()
         for key, text in pieces:
             in_flight.append((key, text, pool.submit(encode_ids, text)))
