@@ -39,7 +39,7 @@ from gptpipe.generate import generate
 from gptpipe.metrics import perplexity
 from gptpipe.model import GPTModel
 from gptpipe.params import Params, load_params
-from gptpipe.plotting import save_loss_figures
+from gptpipe.plotting import save_figure, save_loss_figures
 from gptpipe.precision import allow_fast_float32, resolve_precision
 from gptpipe.tokenizer import decode, encode_prompt
 from gptpipe.train import (LogRecord, LoopSettings, LRSchedule, StopRequested, TrainingStopped,
@@ -156,7 +156,7 @@ def pretrain(args: argparse.Namespace, params: Params, processes: Processes, dev
     if main_process:
         save_checkpoint(args.checkpoint, model, optimizer, step=state.step,
                         epoch=min(state.epoch, opts.epochs), tokens_seen=state.tokens_seen)
-        write_logs(state, args.losses, args.figures, args.metrics)
+        write_logs(state, schedule, args.losses, args.figures, args.metrics)
         resume_path.unlink(missing_ok=True)
 
 
@@ -207,7 +207,8 @@ def resume(path: Path, run_id: str, model: GPTModel, optimizer: torch.optim.Opti
     return state
 
 
-def write_logs(state: TrainState, losses_path: str, figures_dir: str, metrics_path: str) -> None:
+def write_logs(state: TrainState, schedule: LRSchedule, losses_path: str, figures_dir: str,
+               metrics_path: str) -> None:
     columns = ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr", "grad_norm"]
     losses = pd.DataFrame([asdict(r) for r in state.records], columns=columns)
     losses.insert(5, "train_perplexity", losses["train_loss"].map(perplexity))
@@ -215,6 +216,11 @@ def write_logs(state: TrainState, losses_path: str, figures_dir: str, metrics_pa
     with atomic_open(losses_path) as f:
         losses.to_csv(f, index=False)
     save_loss_figures(losses, figures_dir)
+    # The lr of every step (losses.csv has only the evaluated ones), next to losses.csv
+    lrs = pd.DataFrame({"step": range(state.step), "lr": [schedule.lr_at(s) for s in range(state.step)]})
+    with atomic_open(Path(losses_path).with_name("lr.csv")) as f:
+        lrs.to_csv(f, index=False)
+    save_figure(lrs, "step", ["lr"], "learning rate", Path(figures_dir) / "lr.png")
     last = state.records[-1] if state.records else None
     write_json(metrics_path, {
         "loss": {"train": last.train_loss if last else None, "val": last.val_loss if last else None},

@@ -44,7 +44,9 @@ def test_repro_status_experiments_metrics_plots(dvc_project):
     losses = pd.read_csv(project / "plots/losses.csv")
     assert {"step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"} <= set(losses.columns)
     assert len(losses) >= 1 and losses["lr"].eq(0.0004).all()
-    for name in ("loss_by_step.png", "loss_by_tokens.png", "perplexity.png"):
+    lrs = pd.read_csv(project / "plots/lr.csv")  # every step's lr, not only the evaluated ones
+    assert list(lrs["step"]) == list(range(checkpoint["step"])) and lrs["lr"].eq(0.0004).all()
+    for name in ("loss_by_step.png", "loss_by_tokens.png", "perplexity.png", "lr.png"):
         assert (project / "plots/figures" / name).read_bytes().startswith(b"\x89PNG")
     train_metrics = json.loads((project / "metrics/train.json").read_text())
     assert train_metrics["steps"] == checkpoint["step"] and train_metrics["tokens_per_second"] > 0

@@ -20,18 +20,19 @@ FIGURES = {  # file name: (x column, y columns, y label)
 def save_loss_figures(losses: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     for name, (x, ys, ylabel) in FIGURES.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for y in ys:
-            ax.plot(losses[x], losses[y], label=y.replace("_", " "),
-                    linestyle="-." if y.startswith("val") else "-")
-        ax.set_xlabel(x.replace("_", " "))
-        ax.set_ylabel(ylabel)
-        ax.legend()
-        fig.tight_layout()
-        with atomic_path(out_dir / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-        plt.close(fig)
-        written.append(out_dir / name)
-    return written
+        save_figure(losses, x, ys, ylabel, out_dir / name)
+    return [out_dir / name for name in FIGURES]
+
+
+def save_figure(table: pd.DataFrame, x: str, ys: list[str], ylabel: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for y in ys:
+        ax.plot(table[x], table[y], label=y.replace("_", " "), linestyle="-." if y.startswith("val") else "-")
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
