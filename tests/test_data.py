@@ -57,3 +57,16 @@ def test_too_few_tokens_names_the_params():
     with pytest.raises(PipelineError, match="model.context_length=256.*data.train_ratio"):
         require_windows(200, 256, "val")
     require_windows(257, 256, "val")
+
+
+def test_releasing_mapped_pages_keeps_every_window_right(tmp_path, monkeypatch):
+    ids = np.random.default_rng(1).integers(0, 50257, 5000)
+    write_tokens(tmp_path / "t.bin", ids)
+    tokens = read_tokens(tmp_path / "t.bin")
+    windows = TokenWindows(tokens, 16, 3)
+    monkeypatch.setattr(windows, "release_every", 7)  # release often, between reads
+    for i in range(len(windows)):
+        x, y = windows[i]
+        start = 3 * i
+        assert x.tolist() == ids[start:start + 16].tolist() and y.tolist() == ids[start + 1:start + 17].tolist()
+    assert windows.reads == len(windows) and len(windows) > 7 * 100

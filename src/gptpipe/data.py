@@ -4,6 +4,7 @@ A split is a flat array of uint16 token ids (GPT-2's 50,257 ids fit), readable w
 numpy.memmap, so a window is a slice of the file, never a copy held per window.
 """
 
+import mmap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,21 +67,38 @@ def split_text(text: str, train_ratio: float) -> tuple[str, str]:
 class TokenWindows(Dataset):
     """Input/target pairs of `context_length` tokens, one starting every `stride` tokens.
 
-    The target is the input shifted by one token. Items are views into `tokens`.
+    The target is the input shifted by one token. Items are views into `tokens`. When
+    `tokens` is a memory-mapped file, the pages read are released from this process every
+    `release_every` windows, so its resident memory does not grow with the corpus.
     """
+
+    release_every = 1 << 16
 
     def __init__(self, tokens: np.ndarray, context_length: int, stride: int):
         self.tokens = tokens
         self.context_length = context_length
         self.starts = range(0, len(tokens) - context_length, stride)
+        self.reads = 0
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        self.reads += 1
+        if self.reads % self.release_every == 0:
+            release_pages(self.tokens)
         start = self.starts[i]
         end = start + self.context_length
         return self.tokens[start:end], self.tokens[start + 1:end + 1]
+
+
+def release_pages(tokens: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped token file from this process's resident set. The
+    kernel keeps them in its page cache, so reading them again costs a page fault, not I/O;
+    the mapping is read-only, so nothing is lost."""
+    mapping = getattr(tokens, "_mmap", None)  # where np.memmap (and its slices) keep the mmap
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def first_windows(tokens: np.ndarray, context_length: int, stride: int, n_windows: int) -> np.ndarray:
