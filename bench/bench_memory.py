@@ -15,11 +15,11 @@ many MB of seeded synthetic text (bench/synthetic.py).
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_child
 
 BENCH = Path(__file__).resolve().parent
 
@@ -52,18 +52,6 @@ def child(kind: str, text_path: Path, tokens_path: Path, context_length: int, st
             checksum += int(np.asarray(x, dtype=np.int64).sum()) + int(np.asarray(y, dtype=np.int64).sum())
     return {"windows": len(dataset), "checksum": checksum, "build_seconds": build_seconds,
             "dataset_kb": rss_kb() - before}
-
-
-def run_child(*args: str) -> dict:
-    process = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"child {args} failed with status {process.returncode}: rerun it by hand "
-                         f"with `python {__file__} --child {' '.join(args)}` to see why")
-    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss_kb": usage.ru_maxrss}
 
 
 def main() -> None:
@@ -104,7 +92,7 @@ def main() -> None:
         runs = {}
         for kind in ("book", "ours"):
             print(f"{name}: {kind} ...", flush=True)
-            runs[kind] = run_child(kind, str(text_path), str(tokens_path), str(args.context_length), str(args.stride))
+            runs[kind] = run_child(__file__, kind, str(text_path), str(tokens_path), str(args.context_length), str(args.stride))
         if (runs["book"]["windows"], runs["book"]["checksum"]) != (runs["ours"]["windows"], runs["ours"]["checksum"]):
             raise SystemExit(f"{name}: the two datasets disagree: {runs}")
         rows.append({"corpus": name, "tokens": len(ids), "context_length": args.context_length,

@@ -23,11 +23,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from common import run_child
 
 BENCH = Path(__file__).resolve().parent
 READ_CHARS = 1 << 20
@@ -105,19 +106,6 @@ def child_loader(tokens_dir: Path, context_length: int, stride: int, batch_size:
     return {"seconds": seconds, "batches": batches, "peak_anon_kb": memory.peak_kb}
 
 
-def run_child(*args: str) -> dict:
-    """Run this script as a child doing one measurement; its JSON plus its peak RSS (kB)."""
-    process = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"child {args} failed with status {process.returncode}: rerun it by hand "
-                         f"with `python {__file__} --child {' '.join(args)}` to see why")
-    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss_kb": usage.ru_maxrss}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -154,13 +142,13 @@ def main() -> None:
         n_bytes = corpus.stat().st_size
         tokens_dir = args.workdir / f"tokens-{size_mb:g}MB"
         print(f"{size_mb:g} MB: baseline ...", flush=True)
-        runs = {"tiktoken encode_ordinary, 1 thread": run_child("baseline", str(corpus))}
+        runs = {"tiktoken encode_ordinary, 1 thread": run_child(__file__, "baseline", str(corpus))}
         for workers in args.workers:
             print(f"{size_mb:g} MB: tokenize, {workers} worker(s) ...", flush=True)
-            runs[f"tokenize stage, {workers} worker(s)"] = run_child("tokenize", str(corpus), str(tokens_dir),
+            runs[f"tokenize stage, {workers} worker(s)"] = run_child(__file__, "tokenize", str(corpus), str(tokens_dir),
                                                                       str(workers))
         print(f"{size_mb:g} MB: one epoch of data loading ...", flush=True)
-        runs["pretrain data loading, 1 epoch"] = run_child("loader", str(tokens_dir), str(args.context_length),
+        runs["pretrain data loading, 1 epoch"] = run_child(__file__, "loader", str(tokens_dir), str(args.context_length),
                                                            str(args.stride), str(args.batch_size))
         baseline_s = runs["tiktoken encode_ordinary, 1 thread"]["seconds"]
         for name, run in runs.items():

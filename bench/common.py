@@ -1,10 +1,12 @@
 """Shared by the benchmarks: the book's default config, its corpus, a matmul peak."""
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_CONFIG = {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads": 12,
@@ -18,8 +20,9 @@ def find_corpus() -> Path:
     raise SystemExit("no corpus: run `dvc repro download` or put the-verdict.txt in ../shared/data")
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+def matmul_peak(dtype: "torch.dtype", n: int = 4096, repeats: int = 5) -> float:
     """Best FLOP/s of an n×n matmul on this machine."""
+    import torch
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm up
     best = min(timed(lambda: a @ b) for _ in range(repeats))
@@ -38,6 +41,23 @@ def median(values: list[float]) -> float:
 
 def machine() -> str:
     import platform
+
+    import torch
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def run_child(script: str, *args: str) -> dict:
+    """Run `script --child ARGS` for one measurement in a fresh process: the JSON it prints
+    last, plus its peak RSS (kB). (torch is imported here only inside functions, so that
+    importing this module does not inflate a child's memory.)"""
+    process = subprocess.Popen([sys.executable, script, "--child", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"child {args} failed with status {process.returncode}: rerun it by hand "
+                         f"with `python {script} --child {' '.join(args)}` to see why")
+    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss_kb": usage.ru_maxrss}
