@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -110,6 +111,21 @@ class UniformModel(torch.nn.Module):
 
     def forward(self, idx):
         return torch.zeros(*idx.shape, self.vocab)
+
+
+def run_stage(name: str, params: Path, *args: str) -> None:
+    """Run stages/<name>.py's main() in this process."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--params", str(params), *args])
+
+
+def make_tokens(directory: Path, params: Path) -> Path:
+    """Download and tokenize the corpus `params` names into `directory`; the tokens folder."""
+    run_stage("download", params, "--out", f"{directory}/corpus.txt")
+    run_stage("tokenize_corpus", params, "--corpus", f"{directory}/corpus.txt", "--out", f"{directory}/tokens")
+    return directory / "tokens"
 
 
 PROJECT_FILES = [".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "dvc.yaml",

@@ -5,14 +5,12 @@ both, on CPU in fp32 with seed 123: the logged losses must agree to 3 decimals, 
 must print the book's own table (9.781/9.933 at step 0, 8.111/8.339 at step 5).
 """
 
-import importlib.util
-
 import pandas as pd
 import pytest
 import tiktoken
 import torch
 
-from conftest import ROOT, write_params
+from conftest import make_tokens, run_stage, write_params
 
 book_ch02 = pytest.importorskip("llms_from_scratch.ch02", reason="the book's code (make install)")
 book_ch04 = pytest.importorskip("llms_from_scratch.ch04", reason="the book's code (make install)")
@@ -42,20 +40,12 @@ def book_run(text: str) -> list[tuple[int, float, float]]:
 
 
 def pipeline_run(tmp_path, corpus) -> list[tuple[int, float, float]]:
-    params = write_params(tmp_path / "params.yaml", {"train": {"epochs": 1, "device": "cpu"}}, corpus)
-    stages = {name: ROOT / "stages" / f"{name}.py" for name in ("download", "tokenize_corpus", "pretrain")}
-    d = tmp_path
-    args = {
-        "download": ["--out", f"{d}/corpus.txt"],
-        "tokenize_corpus": ["--corpus", f"{d}/corpus.txt", "--out", f"{d}/tokens"],
-        "pretrain": ["--tokens", f"{d}/tokens", "--checkpoint", f"{d}/ckpt.pt", "--losses",
-                     f"{d}/losses.csv", "--figures", f"{d}/figures", "--metrics", f"{d}/train.json"],
-    }
-    for name, path in stages.items():
-        spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main(["--params", str(params), *args[name]])
+    params = write_params(tmp_path / "params.yaml",
+                          {"train": {"epochs": 1, "device": "cpu", "precision": "fp32"}}, corpus)
+    tokens = make_tokens(tmp_path, params)
+    run_stage("pretrain", params, "--tokens", str(tokens), "--checkpoint", f"{tmp_path}/ckpt.pt",
+              "--losses", f"{tmp_path}/losses.csv", "--figures", f"{tmp_path}/figures",
+              "--metrics", f"{tmp_path}/train.json", "--resume-dir", f"{tmp_path}/resume")
     losses = pd.read_csv(tmp_path / "losses.csv")
     return list(zip(losses["step"], losses["train_loss"], losses["val_loss"]))
 

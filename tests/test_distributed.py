@@ -1,7 +1,6 @@
 """Pretraining on several processes (torchrun, DistributedDataParallel, gloo on the CPU) gives
 the results of one process on the whole batch, and what it writes works in a plain process."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY, write_params
+from conftest import ROOT, TINY, make_tokens, write_params
 from gptpipe.checkpoint import load_model
 from gptpipe.distributed import Processes, per_process_batch, sharded_loader
 from gptpipe.errors import PipelineError
@@ -35,14 +34,7 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory, corpus_path) -> Path:
     d = tmp_path_factory.mktemp("tokens")
-    params = write_params(d / "params.yaml", OVERRIDES, corpus_path)
-    for name, args in [("download", ["--out", f"{d}/corpus.txt"]),
-                       ("tokenize_corpus", ["--corpus", f"{d}/corpus.txt", "--out", f"{d}/tokens"])]:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "stages" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main(["--params", str(params), *args])
-    return d / "tokens"
+    return make_tokens(d, write_params(d / "params.yaml", OVERRIDES, corpus_path))
 
 
 def pretrain(out: Path, tokens: Path, corpus: Path, torchrun_nproc: int | None = None,

@@ -1,7 +1,6 @@
 """Pretraining survives being killed: a re-run resumes and ends bitwise where an
 uninterrupted run ends (on CPU)."""
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, write_params
+from conftest import ROOT, TINY, make_tokens, write_params
 
 OVERRIDES = {**TINY, "train": {**TINY["train"], "epochs": 2, "checkpoint_every": 3, "eval_freq": 4}}
 
@@ -22,12 +21,7 @@ def prepared(tmp_path_factory, corpus_path):
     """Params and tokens of the tiny config, and the outputs of one uninterrupted run."""
     d = tmp_path_factory.mktemp("faults")
     params = write_params(d / "params.yaml", OVERRIDES, corpus_path)
-    for name, args in [("download", ["--out", f"{d}/corpus.txt"]),
-                       ("tokenize_corpus", ["--corpus", f"{d}/corpus.txt", "--out", f"{d}/tokens"])]:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "stages" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main(["--params", str(params), *args])
+    make_tokens(d, params)
     baseline = d / "baseline"
     assert pretrain(params, d / "tokens", baseline).wait(timeout=300) == 0
     return params, d / "tokens", baseline

@@ -70,7 +70,7 @@ def test_every_stage_reads_exactly_its_declared_params(tmp_path, corpus_path, mo
         "tokenize": ["--corpus", f"{d}/raw/corpus.txt", "--out", f"{d}/tokens"],
         "pretrain": ["--tokens", f"{d}/tokens", "--checkpoint", f"{d}/model/ckpt.pt",
                      "--losses", f"{d}/losses.csv", "--figures", f"{d}/figures",
-                     "--metrics", f"{d}/train.json"],
+                     "--metrics", f"{d}/train.json", "--resume-dir", f"{d}/resume"],
         "evaluate": ["--tokens", f"{d}/tokens", "--checkpoint", f"{d}/model/ckpt.pt",
                      "--out", f"{d}/eval.json"],
         "sample": ["--checkpoint", f"{d}/model/ckpt.pt", "--out", f"{d}/sample.txt"],

@@ -234,7 +234,7 @@ def test_pretrain_from_hf_gpt2_with_no_epochs_keeps_its_logits_and_exports_them(
     run_stage("tokenize_corpus", "--params", str(params), "--corpus", f"{d}/raw.txt", "--out", f"{d}/tokens")
     run_stage("pretrain", "--params", str(params), "--tokens", f"{d}/tokens",
               "--checkpoint", f"{d}/ckpt.pt", "--losses", f"{d}/losses.csv", "--figures", f"{d}/figures",
-              "--metrics", f"{d}/train.json")
+              "--metrics", f"{d}/train.json", "--resume-dir", f"{d}/resume")
     tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
     model, _ = load_model(d / "ckpt.pt", torch.device("cpu"))
     expected = hf_logits(hf, tokens)
