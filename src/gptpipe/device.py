@@ -20,5 +20,5 @@ def resolve_device(name: str) -> torch.device:
             raise PipelineError(f"train.device is {name!r} but only {torch.cuda.device_count()} "
                                 f"CUDA device(s) exist; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise PipelineError(f"train.device is 'mps' but MPS is not available here; set train.device to auto or cpu")
+        raise PipelineError("train.device is 'mps' but MPS is not available here; set train.device to auto or cpu")
     return device

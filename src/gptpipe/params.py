@@ -203,8 +203,6 @@ def parse_section(cls: type, prefix: str, raw: Any) -> Any:
             values[name] = coerce(f"{prefix}{name}", kind, raw[name])
     try:
         return cls(**values)
-    except PipelineError as e:
-        raise
     except (TypeError, ValueError) as e:
         raise PipelineError(f"params: {where}: {e}")
 
