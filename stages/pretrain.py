@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gptpipe import cli
 from gptpipe.checkpoint import load_checkpoint, save_checkpoint
 from gptpipe.data import read_tokens, require_windows, window_loader
-from gptpipe.device import resolve_device
+from gptpipe.device import hold_freed_memory, resolve_device
 from gptpipe.distributed import (AgreedStop, Processes, data_parallel, process_group, run_torchrun,
                                  same_on_all, sharded_loader, under_torchrun)
 from gptpipe.errors import PipelineError
@@ -40,7 +40,7 @@ from gptpipe.metrics import perplexity
 from gptpipe.model import GPTModel
 from gptpipe.params import Params, load_params
 from gptpipe.plotting import save_figure, save_loss_figures
-from gptpipe.precision import allow_fast_float32, resolve_precision
+from gptpipe.precision import allow_fast_float32, cheap_dropout_masks, resolve_precision
 from gptpipe.tokenizer import decode, encode_prompt
 from gptpipe.train import (LogRecord, LoopSettings, LRSchedule, StopRequested, TrainingStopped,
                            TrainState, make_optimizer, train, warmup_steps)
@@ -75,6 +75,7 @@ def pretrain(args: argparse.Namespace, params: Params, processes: Processes, dev
     cfg, opts = params.model, params.train
     amp_dtype = resolve_precision(opts.precision, device)
     allow_fast_float32(device, opts.precision)
+    hold_freed_memory()
 
     tokens = {split: read_tokens(Path(args.tokens) / f"{split}.bin") for split in ("train", "val")}
     for split, ids in tokens.items():
@@ -103,6 +104,7 @@ def pretrain(args: argparse.Namespace, params: Params, processes: Processes, dev
 
     torch.manual_seed(opts.seed)  # fixes the initial weights, the batch order and dropout
     model = initial_model(cfg.config, cfg.init_from).to(device)
+    model.use_cheap_dropout(cheap_dropout_masks(device, amp_dtype))
     optimizer = make_optimizer(model, opts.lr, opts.weight_decay, fused=opts.precision != "fp32")
     on_processes = f" × {processes.world_size} processes" if processes.distributed else ""
     log.info(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}{on_processes}, "

@@ -1,8 +1,12 @@
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from gptpipe.errors import PipelineError
-from gptpipe.precision import autocast, decoding_dtype, resolve_precision
+from gptpipe.precision import autocast, cheap_dropout_masks, decoding_dtype, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -30,3 +34,37 @@ def test_autocast_runs_matmuls_in_bf16_only_when_asked():
         assert (a @ a).dtype == torch.bfloat16
     with autocast(CPU, None):
         assert (a @ a).dtype == torch.float32
+
+
+def test_cheap_dropout_masks_only_on_the_cpu_bf16_path():
+    assert cheap_dropout_masks(CPU, torch.bfloat16)
+    assert not cheap_dropout_masks(CPU, None)  # fp32: the book's masks
+    assert not cheap_dropout_masks(torch.device("cuda"), torch.bfloat16)
+
+
+HELD_MEMORY_PROBE = """
+import json, resource, sys, torch
+from gptpipe.device import hold_freed_memory
+held = "hold" in sys.argv and hold_freed_memory()
+faults = []
+for _ in range(20):  # like training steps: a big buffer allocated, touched and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(50_000_000).sum()  # 200 MB
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps([held, faults]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_held_freed_memory_is_reused_without_page_faults():
+    def steps_with_fresh_pages(*args):
+        out = subprocess.run([sys.executable, "-c", HELD_MEMORY_PROBE, *args], capture_output=True,
+                             text=True, check=True).stdout
+        held, faults = json.loads(out)
+        return held, [f > 10_000 for f in faults]  # 200 MB is 48,828 pages of 4 kB
+    held, fresh_held = steps_with_fresh_pages("hold")
+    _, fresh_default = steps_with_fresh_pages()
+    assert held
+    assert all(fresh_default)  # by default every step gets fresh pages again
+    # held: the heap grows over the first few steps (aligned blocks leave gaps), then settles
+    assert not any(fresh_held[-8:])

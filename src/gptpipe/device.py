@@ -1,3 +1,5 @@
+import ctypes
+
 import torch
 
 from gptpipe.errors import PipelineError
@@ -22,3 +24,23 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise PipelineError("train.device is 'mps' but MPS is not available here; set train.device to auto or cpu")
     return device
+
+
+def hold_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
+
+    By default glibc gives every allocation over 32 MB its own mapping and unmaps it on free.
+    A training step of the book's model allocates several 75-150 MB buffers (the logits, the
+    embedding and output-head gradients, bf16 weight copies) and frees them again, so each step
+    gets fresh pages, which the kernel zero-fills on first touch: a fifth to a quarter of a
+    CPU training step (bench/bench_train.py, "book + held memory"). The price is a few percent
+    more peak memory: the heap grows over the first steps until its free blocks fit the
+    buffers. Returns False, changing nothing, where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    # no separate mappings for big blocks, and never trim the heap (a threshold of -1)
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))

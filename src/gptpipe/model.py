@@ -6,6 +6,8 @@ the parameters are initialised to the same values (nn.Linear and nn.Embedding de
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +36,39 @@ class GPTConfig:
                                 f"({self.emb_dim}); e.g. emb_dim 768 with n_heads 12")
         if not 0.0 <= self.drop_rate < 1.0:
             raise PipelineError(f"params: model.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+
+def cheap_keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A dropout mask that costs a quarter of a random draw per element, and its scale.
+
+    torch's CPU dropout draws one random number per element, and on the book's model that is
+    about a sixth of a bf16 training step (bench/bench_train.py --profile). Here each 64-bit
+    draw is cut into four 16-bit ones, and an element is dropped when its 16-bit number falls
+    in the lowest round(p * 65536) of the 65536 values: p is rounded to 1/65536 (0.1 becomes
+    0.10000610), and the scale 1/(1 - p) uses that rounded p, so the expected output is still x.
+    """
+    dropped_values = round(p * 65536)
+    n = math.prod(shape)
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    keep = draws.view(torch.int16)[:n].view(shape) >= dropped_values - 32768
+    return keep, 65536 / (65536 - dropped_values)
+
+
+def cheap_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    keep, scale = cheap_keep_mask(x.shape, p, x.device)
+    return x * keep * scale
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, or with `cheap_masks` set, cheap_dropout: the same distribution of masks from
+    a cheaper random stream. Off by default, so the fp32 path draws the book's exact masks."""
+
+    cheap_masks: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cheap_masks and self.training and self.p > 0:
+            return cheap_dropout(x, self.p)
+        return super().forward(x)
 
 
 class LayerCache:
@@ -85,7 +120,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.emb_dim // cfg.n_heads
-        self.drop_rate = cfg.drop_rate
+        self.dropout = Dropout(cfg.drop_rate)  # on the attention weights
         self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
@@ -102,8 +137,10 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             past = len(cache)
             k, v = cache.extend(k, v)
-        dropout_p = self.drop_rate if self.training else 0.0
-        if past == 0:
+        dropout_p = self.dropout.p if self.training else 0.0
+        if dropout_p > 0 and self.dropout.cheap_masks:
+            out = self.causal_attention_with_dropout(q, k, v)
+        elif past == 0:
             # On CPU this draws the same dropout mask on the attention weights as the book's
             # explicit softmax-then-dropout, so the two stay step-for-step identical.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
@@ -112,6 +149,18 @@ class MultiHeadAttention(nn.Module):
             mask = None if t == 1 else torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+    def causal_attention_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """What scaled_dot_product_attention computes in training, spelled out so that the
+        dropout on the attention weights can use cheap masks. Under bf16 autocast the scores
+        and weights stay bf16 (softmax sums in fp32), as in flash-attention kernels; the
+        dropout's scale multiplies the output, a quarter the size of the weights."""
+        t = q.shape[2]
+        scores = (q / math.sqrt(self.head_dim)) @ k.transpose(2, 3)
+        future = torch.full((t, t), -torch.inf, dtype=scores.dtype, device=q.device).triu(1)
+        weights = torch.softmax(scores + future, dim=-1)
+        keep, scale = cheap_keep_mask(weights.shape, self.dropout.p, weights.device)
+        return (weights * keep) @ v * scale
 
 
 class FeedForward(nn.Module):
@@ -136,7 +185,7 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.norm1 = nn.LayerNorm(cfg.emb_dim)
         self.norm2 = nn.LayerNorm(cfg.emb_dim)
-        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+        self.drop_shortcut = Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
@@ -149,12 +198,18 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
-        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.drop_emb = Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*(TransformerBlock(cfg) for _ in range(cfg.n_layers)))
         self.final_norm = nn.LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
+
+    def use_cheap_dropout(self, enabled: bool) -> None:
+        """Draw dropout masks with cheap_dropout (the fast CPU path) instead of torch's dropout."""
+        for module in self.modules():
+            if isinstance(module, Dropout):
+                module.cheap_masks = enabled
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (batch, seq) -> logits (batch, seq, vocab).

@@ -47,3 +47,10 @@ def decoding_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto" and device.type == "cpu":
         return None
     return resolve_precision(precision, device)
+
+
+def cheap_dropout_masks(device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+    """Whether training should draw dropout masks with model.cheap_keep_mask. On the CPU's bf16
+    path, torch's one-draw-per-element masks were a sixth of the step; in fp32 the book's exact
+    masks are kept (the book's numbers reproduce), and on CUDA torch's masks are cheap already."""
+    return device.type == "cpu" and amp_dtype is not None
