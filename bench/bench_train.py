@@ -1,13 +1,14 @@
 """Training throughput: this project's train step against the book's, side by side.
 
 Both train the book's default config (124M, context 256, batch 2) on the same batches of
-the-verdict from the same weights. Variants run alternately, each `--repeats` times;
-the table shows median tokens/s, the ratio to the book, and model FLOP utilisation
-against matmul peaks measured in the same run.
+the-verdict from the same weights. Each variant runs in a fresh process of its own, set up
+as its code sets itself up (the book's code as a user runs it; ours as the pretrain stage
+does), and the variants take turns, `--repeats` times. The table shows median tokens/s, the
+ratio to the book, and model FLOP utilisation against matmul peaks measured in the same run.
 
-    python bench/bench_train.py                 # fp32 and bf16, ours vs the book
+    python bench/bench_train.py                 # the book, ours in fp32 and bf16
     python bench/bench_train.py --compile       # also torch.compile variants
-    python bench/bench_train.py --profile       # where our bf16 step spends its time
+    python bench/bench_train.py --profile       # where each step spends its time
 """
 
 import argparse
@@ -16,21 +17,37 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BOOK_CONFIG, ROOT, find_corpus, machine, matmul_peak, median, timed  # noqa: E402
+from common import BOOK_CONFIG, ROOT, find_corpus, machine, matmul_peak, median, run_child, timed  # noqa: E402
 
-from gptpipe.data import split_text, window_loader  # noqa: E402
-from gptpipe.metrics import batch_loss  # noqa: E402
-from gptpipe.model import GPTConfig, GPTModel, from_book_state_dict  # noqa: E402
-from gptpipe.tokenizer import encode  # noqa: E402
-from gptpipe.precision import autocast  # noqa: E402
-from gptpipe.train import make_optimizer  # noqa: E402
+# name: (code, precision, torch.compile). "book + held memory" is the book's code in a process
+# with our allocator setting, to show how much of the gain that setting alone gives.
+VARIANTS = {
+    "book (fp32)": ("book", "fp32", False),
+    "book + held memory": ("book", "fp32", False),
+    "ours fp32": ("ours", "fp32", False),
+    "ours bf16": ("ours", "bf16", False),
+}
+COMPILED = {"ours bf16 compiled": ("ours", "bf16", True)}
+
+# operator name fragments -> where the time goes (the first group that matches)
+OPERATOR_GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "loss": ("cross_entropy", "log_softmax", "nll_loss"),
+    "attention softmax and mask": ("softmax", "masked_fill", "attention", "aten::where", "aten::all",
+                                   "isneginf"),
+    "dropout masks": ("bernoulli", "random_"),
+    "optimizer": ("adam", "_foreach"),
+    "dtype casts and copies": ("aten::copy_",),
+    "filling new buffers": ("aten::fill_", "aten::zero_"),
+}
 
 
-def batches(n: int, batch_size: int, context: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(n: int, batch_size: int, context: int) -> list:
+    import numpy as np
+
+    from gptpipe.data import split_text, window_loader
+    from gptpipe.tokenizer import encode
     train_text, _ = split_text(find_corpus().read_text(encoding="utf-8"), 0.9)
     tokens = np.array(encode(train_text), dtype=np.uint16)
     loader = window_loader(tokens, context, context, batch_size, shuffle=False, drop_last=True)
@@ -39,6 +56,7 @@ def batches(n: int, batch_size: int, context: int) -> list[tuple[torch.Tensor, t
 
 
 def book_step_fn(state_dict):
+    import torch
     from llms_from_scratch.ch04 import GPTModel as BookGPT
     from llms_from_scratch.ch05 import calc_loss_batch
     model = BookGPT(BOOK_CONFIG)
@@ -54,13 +72,22 @@ def book_step_fn(state_dict):
     return step
 
 
-def our_step_fn(state_dict, amp_dtype, compile_model):
+def our_step_fn(state_dict, precision: str, compile_model: bool):
+    """Our model, optimizer and step, set up the way stages/pretrain.py sets them up."""
+    import torch
+
+    from gptpipe.metrics import batch_loss
+    from gptpipe.model import GPTConfig, GPTModel, from_book_state_dict
+    from gptpipe.precision import autocast, cheap_dropout_masks, resolve_precision
+    from gptpipe.train import make_optimizer
+    cpu = torch.device("cpu")
+    amp_dtype = resolve_precision(precision, cpu)
     model = GPTModel(GPTConfig(**BOOK_CONFIG))
     model.load_state_dict(from_book_state_dict(state_dict))
+    model.use_cheap_dropout(cheap_dropout_masks(cpu, amp_dtype))
     model.train()
-    optimizer = make_optimizer(model, 4e-4, 0.1, fused=amp_dtype is not None)
+    optimizer = make_optimizer(model, 4e-4, 0.1, fused=precision != "fp32")
     forward = torch.compile(model) if compile_model else model
-    cpu = torch.device("cpu")
 
     def step(x, y):  # the body of gptpipe.train.train, without logging
         with autocast(cpu, amp_dtype):
@@ -80,21 +107,41 @@ def flops_per_token(cfg: dict) -> float:
 
 
 def profile(step, data) -> dict[str, float]:
-    groups = {"matmul": ("mm", "addmm", "bmm", "linear", "matmul"),
-              "attention": ("attention", "sdpa", "flash"),
-              "optimizer": ("adam", "_foreach", "fused"),
-              "loss": ("cross_entropy", "log_softmax", "nll_loss")}
+    """Share of operator time per group of OPERATOR_GROUPS."""
+    import torch
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for x, y in data:
             step(x, y)
     seconds = defaultdict(float)
     for event in prof.key_averages():
         if event.key.startswith("aten::") and event.self_cpu_time_total > 0:
-            name = event.key.lower()
-            group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "other")
+            group = next((g for g, keys in OPERATOR_GROUPS.items() if any(k in event.key for k in keys)),
+                         "other")
             seconds[group] += event.self_cpu_time_total / 1e6
     total = sum(seconds.values())
     return {group: round(s / total, 3) for group, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
+
+
+def child(variant: str, warmup: int, steps: int, with_profile: bool) -> None:
+    """One measurement in this fresh process: print {"tokens_per_second": ...} as JSON."""
+    import torch
+    from llms_from_scratch.ch04 import GPTModel as BookGPT
+
+    from gptpipe.device import hold_freed_memory
+    code, precision, compile_model = {**VARIANTS, **COMPILED}[variant]
+    if variant != "book (fp32)":
+        hold_freed_memory()  # as stages/pretrain.py does
+    torch.manual_seed(123)
+    weights = BookGPT(BOOK_CONFIG).state_dict()
+    step = book_step_fn(weights) if code == "book" else our_step_fn(weights, precision, compile_model)
+    data = batches(warmup + steps, 2, BOOK_CONFIG["context_length"])
+    for x, y in data[:warmup]:
+        step(x, y)
+    seconds = timed(lambda: [step(x, y) for x, y in data[warmup:]])
+    result = {"tokens_per_second": steps * data[0][0].numel() / seconds}
+    if with_profile:
+        result["profile"] = profile(step, data[warmup:warmup + 3])
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -103,31 +150,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
-    parser.add_argument("--profile", action="store_true", help="break down our bf16 step by operator")
+    parser.add_argument("--profile", action="store_true", help="break down the book's and our bf16 step")
     parser.add_argument("--out", default=str(ROOT / "bench/results/train.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--with-profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.warmup, args.steps, args.with_profile)
 
-    torch.manual_seed(123)
-    from llms_from_scratch.ch04 import GPTModel as BookGPT
-    weights = BookGPT(BOOK_CONFIG).state_dict()
-    data = batches(args.warmup + args.steps, 2, BOOK_CONFIG["context_length"])
-    tokens_per_step = data[0][0].numel()
-
-    variants = {"book (fp32)": book_step_fn(weights),
-                "ours fp32": our_step_fn(weights, None, False),
-                "ours bf16": our_step_fn(weights, torch.bfloat16, False)}
-    if args.compile:
-        variants["ours fp32 compiled"] = our_step_fn(weights, None, True)
-        variants["ours bf16 compiled"] = our_step_fn(weights, torch.bfloat16, True)
+    import torch
+    variants = {**VARIANTS, **(COMPILED if args.compile else {})}
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-
+    timing = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
     rates = defaultdict(list)
     for repeat in range(args.repeats):
-        for name, step in variants.items():
-            for x, y in data[:args.warmup]:
-                step(x, y)
-            seconds = timed(lambda: [step(x, y) for x, y in data[args.warmup:]])
-            rates[name].append(args.steps * tokens_per_step / seconds)
+        for name in variants:
+            rates[name].append(run_child(__file__, name, *timing)["tokens_per_second"])
             print(f"repeat {repeat + 1}/{args.repeats} {name}: {rates[name][-1]:.0f} tokens/s", flush=True)
 
     flops = flops_per_token(BOOK_CONFIG)
@@ -140,16 +178,16 @@ def main() -> None:
     print(f"{'variant':<22}{'tokens/s':>10}{'vs book':>9}{'MFU':>8}")
     for name, values in rates.items():
         rate = median(values)
-        peak = peaks["bf16" if "bf16" in name else "fp32"]
+        peak = peaks[variants[name][1]]
         mfu = rate * flops / peak
         results["variants"][name] = {"tokens_per_second": round(rate, 1), "runs": [round(v, 1) for v in values],
                                      "ratio_to_book": round(rate / book, 2), "mfu": round(mfu, 3)}
         print(f"{name:<22}{rate:>10.0f}{rate / book:>8.2f}x{mfu:>8.1%}")
     if args.profile:
-        results["profile_bf16"] = profile(variants["ours bf16"], data[:3])
-        print("ours bf16, share of operator time:", results["profile_bf16"])
-        results["profile_book"] = profile(variants["book (fp32)"], data[:3])
-        print("book fp32, share of operator time:", results["profile_book"])
+        for name in ("ours bf16", "book (fp32)"):
+            shares = run_child(__file__, name, *timing, "--with-profile")["profile"]
+            results.setdefault("profile", {})[name] = shares
+            print(f"{name}, share of operator time:", shares)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
