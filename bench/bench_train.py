@@ -84,7 +84,7 @@ def our_step_fn(state_dict, precision: str, compile_model: bool):
     amp_dtype = resolve_precision(precision, cpu)
     model = GPTModel(GPTConfig(**BOOK_CONFIG))
     model.load_state_dict(from_book_state_dict(state_dict))
-    model.use_cheap_dropout(cheap_dropout_masks(cpu, amp_dtype))
+    model.use_cheap_dropout(cheap_dropout_masks(cpu, amp_dtype, compile_model))
     model.train()
     optimizer = make_optimizer(model, 4e-4, 0.1, fused=precision != "fp32")
     forward = torch.compile(model) if compile_model else model

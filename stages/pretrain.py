@@ -104,7 +104,7 @@ def pretrain(args: argparse.Namespace, params: Params, processes: Processes, dev
 
     torch.manual_seed(opts.seed)  # fixes the initial weights, the batch order and dropout
     model = initial_model(cfg.config, cfg.init_from).to(device)
-    model.use_cheap_dropout(cheap_dropout_masks(device, amp_dtype))
+    model.use_cheap_dropout(cheap_dropout_masks(device, amp_dtype, opts.compile))
     optimizer = make_optimizer(model, opts.lr, opts.weight_decay, fused=opts.precision != "fp32")
     on_processes = f" × {processes.world_size} processes" if processes.distributed else ""
     log.info(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}{on_processes}, "

@@ -37,9 +37,10 @@ def test_autocast_runs_matmuls_in_bf16_only_when_asked():
 
 
 def test_cheap_dropout_masks_only_on_the_cpu_bf16_path():
-    assert cheap_dropout_masks(CPU, torch.bfloat16)
-    assert not cheap_dropout_masks(CPU, None)  # fp32: the book's masks
-    assert not cheap_dropout_masks(torch.device("cuda"), torch.bfloat16)
+    assert cheap_dropout_masks(CPU, torch.bfloat16, compiled=False)
+    assert not cheap_dropout_masks(CPU, None, compiled=False)  # fp32: the book's masks
+    assert not cheap_dropout_masks(torch.device("cuda"), torch.bfloat16, compiled=False)
+    assert not cheap_dropout_masks(CPU, torch.bfloat16, compiled=True)
 
 
 HELD_MEMORY_PROBE = """

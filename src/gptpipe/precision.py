@@ -49,8 +49,10 @@ def decoding_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return resolve_precision(precision, device)
 
 
-def cheap_dropout_masks(device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+def cheap_dropout_masks(device: torch.device, amp_dtype: torch.dtype | None, compiled: bool) -> bool:
     """Whether training should draw dropout masks with model.cheap_keep_mask. On the CPU's bf16
     path, torch's one-draw-per-element masks were a sixth of the step; in fp32 the book's exact
-    masks are kept (the book's numbers reproduce), and on CUDA torch's masks are cheap already."""
-    return device.type == "cpu" and amp_dtype is not None
+    masks are kept (the book's numbers reproduce), on CUDA torch's masks are cheap already, and
+    under torch.compile the compiler fuses its own mask generation (and the in-place random_
+    of cheap masks would break its graph)."""
+    return device.type == "cpu" and amp_dtype is not None and not compiled
