@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gptpipe.model import Dropout, GPTConfig, GPTModel, cheap_dropout, from_book_state_dict
+from gptpipe.model import Dropout, GPTConfig, GPTModel, KVCache, cheap_dropout, from_book_state_dict
 
 book_ch04 = pytest.importorskip("llms_from_scratch.ch04", reason="the book's code (make install)")
 
@@ -95,6 +95,9 @@ def test_use_cheap_dropout_switches_every_dropout_and_only_in_training():
     cheap = model(idx)
     torch.manual_seed(1)
     assert not torch.equal(cheap, plain(idx))
+    cache = KVCache(SMALL.n_layers)  # cached positions in training: torch's dropout, no error
+    model(idx[:, :8], cache)
+    assert model(idx[:, 8:], cache).shape == (2, 8, 300)
 
 
 def test_spelled_out_attention_equals_scaled_dot_product_attention():

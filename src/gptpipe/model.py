@@ -4,9 +4,8 @@ Modules are created in the same order as in the book's code, so that with the sa
 the parameters are initialised to the same values (nn.Linear and nn.Embedding defaults).
 """
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -138,7 +137,7 @@ class MultiHeadAttention(nn.Module):
             past = len(cache)
             k, v = cache.extend(k, v)
         dropout_p = self.dropout.p if self.training else 0.0
-        if dropout_p > 0 and self.dropout.cheap_masks:
+        if dropout_p > 0 and self.dropout.cheap_masks and past == 0:
             out = self.causal_attention_with_dropout(q, k, v)
         elif past == 0:
             # On CPU this draws the same dropout mask on the attention weights as the book's
