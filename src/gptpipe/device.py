@@ -34,9 +34,9 @@ def hold_freed_memory() -> bool:
     embedding and output-head gradients, bf16 weight copies) and frees them again, so each step
     gets fresh pages, which the kernel zero-fills on first touch: 12-16% of the book's fp32
     step on the CPU (bench/bench_train.py, "book + held memory") and over a fifth of our bf16
-    step. The price is a few percent
-    more peak memory: the heap grows over the first steps until its free blocks fit the
-    buffers. Returns False, changing nothing, where the C library is not glibc.
+    step. The price is a few percent more peak memory: the heap grows over the first steps
+    until its free blocks fit the buffers. Returns False, changing nothing, where the C
+    library is not glibc.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

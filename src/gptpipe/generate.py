@@ -8,7 +8,6 @@ window slides, every token moves to a new position and so every key and value ch
 the cache is rebuilt from the last context_length tokens at each step.
 """
 
-
 import torch
 
 from gptpipe.model import GPTModel, KVCache
