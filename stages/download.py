@@ -1,14 +1,9 @@
 """Stage download: fetch the corpus named by data.url into data/raw/, checking data.sha256."""
 
 import logging
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-# Use the library next to this script, the copy dvc.yaml tracks, not an installed one:
-# a queued experiment runs in its own copy of the repository.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
+import _library  # noqa: F401  (this checkout's library first)
 from gptpipe import cli
 from gptpipe.download import download
 from gptpipe.params import load_params

@@ -4,18 +4,13 @@ The corpus is streamed and encoded on all cores; see gptpipe.corpus for how the 
 drawn (by characters for one document, by document for several).
 
 (Not named tokenize.py: run as a script, that name would shadow the standard library's
-tokenize module, which torch imports.)
+tokenize module.)
 """
 
 import logging
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-# Use the library next to this script, the copy dvc.yaml tracks, not an installed one:
-# a queued experiment runs in its own copy of the repository.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
+import _library  # noqa: F401  (this checkout's library first)
 from gptpipe import cli
 from gptpipe.corpus import available_cores, tokenize_corpus
 from gptpipe.params import load_params

@@ -10,8 +10,11 @@ import torch
 import yaml
 
 from gptpipe.download import download
+from gptpipe.tokenizer import seed_tiktoken_cache
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "stages"))  # where run_stage's stages find their _library module
+seed_tiktoken_cache()  # tests that call tiktoken.get_encoding("gpt2") themselves run offline too
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
                "01_main-chapter-code/the-verdict.txt")
@@ -113,18 +116,41 @@ class UniformModel(torch.nn.Module):
         return torch.zeros(*idx.shape, self.vocab)
 
 
-def run_stage(name: str, params: Path, *args: str) -> None:
-    """Run stages/<name>.py's main() in this process."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+def stage_args(script: str, d: Path) -> list[str]:
+    """The path options of stages/<script>.py with every input and output in folder `d`, laid
+    out as the pipeline lays out the project: corpus.txt, tokens/, model.safetensors, plots/..."""
+    return {
+        "download": ["--out", f"{d}/corpus.txt"],
+        "tokenize_corpus": ["--corpus", f"{d}/corpus.txt", "--out", f"{d}/tokens"],
+        "pretrain": ["--tokens", f"{d}/tokens", "--model", f"{d}/model.safetensors", "--plots", f"{d}/plots",
+                     "--metrics", f"{d}/train.json", "--resume-dir", f"{d}/resume"],
+        "evaluate": ["--tokens", f"{d}/tokens", "--model", f"{d}/model.safetensors", "--out", f"{d}/eval.json"],
+        "sample": ["--model", f"{d}/model.safetensors", "--out", f"{d}/sample.txt"],
+        "export": ["--model", f"{d}/model.safetensors", "--out", f"{d}/export"],
+    }[script]
+
+
+def run_stage(script: str, params: Path, *args: str) -> None:
+    """Run stages/<script>.py's main() in this process."""
+    spec = importlib.util.spec_from_file_location(f"stage_{script}", ROOT / "stages" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(["--params", str(params), *args])
 
 
+def stage_command(script: str, params: Path, *args: str) -> list[str]:
+    """The command line that runs stages/<script>.py as a process of its own."""
+    return [sys.executable, str(ROOT / "stages" / f"{script}.py"), "--params", str(params), *args]
+
+
+def run_stage_process(script: str, params: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(stage_command(script, params, *args), capture_output=True, text=True)
+
+
 def make_tokens(directory: Path, params: Path) -> Path:
     """Download and tokenize the corpus `params` names into `directory`; the tokens folder."""
-    run_stage("download", params, "--out", f"{directory}/corpus.txt")
-    run_stage("tokenize_corpus", params, "--corpus", f"{directory}/corpus.txt", "--out", f"{directory}/tokens")
+    run_stage("download", params, *stage_args("download", directory))
+    run_stage("tokenize_corpus", params, *stage_args("tokenize_corpus", directory))
     return directory / "tokens"
 
 

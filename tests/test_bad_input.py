@@ -3,20 +3,15 @@ and no output left behind. Download failures are in test_download.py, checkpoint
 test_checkpoint.py, a non-finite loss in test_train.py, kills in test_faults.py."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, write_params
-from gptpipe.checkpoint import save_checkpoint
+from conftest import TINY, stage_args, write_params
+from conftest import run_stage_process as run_stage
+from gptpipe.checkpoint import save_model
 from gptpipe.model import GPTConfig, GPTModel
-
-
-def run_stage(name: str, params: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), "--params", str(params), *args],
-                          capture_output=True, text=True)
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *phrases: str) -> None:
@@ -45,7 +40,7 @@ def test_bad_params(tmp_path, corpus_path, overrides, phrases):
                           corpus_path)
     if "optimizer" in overrides:
         params.write_text(params.read_text() + "optimizer:\n  lr: 0.1\n")
-    result = run_stage("download", params, "--out", f"{tmp_path}/raw/corpus.txt")
+    result = run_stage("download", params, *stage_args("download", tmp_path / "raw"))
     assert_clean_failure(result, *phrases)
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
 
@@ -56,9 +51,8 @@ def test_missing_params_file(tmp_path):
 
 def prepare_tokens(tmp_path: Path, corpus: Path, overrides: dict | None = None) -> Path:
     params = write_params(tmp_path / "params.yaml", overrides or TINY, corpus)
-    for name, args in [("download", ["--out", f"{tmp_path}/corpus.txt"]),
-                       ("tokenize_corpus", ["--corpus", f"{tmp_path}/corpus.txt", "--out", f"{tmp_path}/tokens"])]:
-        result = run_stage(name, params, *args)
+    for name in ("download", "tokenize_corpus"):
+        result = run_stage(name, params, *stage_args(name, tmp_path))
         assert result.returncode == 0, result.stderr
     return params
 
@@ -68,11 +62,9 @@ def test_device_that_is_not_there(tmp_path, corpus_path, device):
     if device.startswith("cuda") and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
         pytest.skip(f"{device} exists here")
     params = prepare_tokens(tmp_path, corpus_path, {**TINY, "train": {**TINY["train"], "device": device}})
-    result = run_stage("pretrain", params, "--tokens", f"{tmp_path}/tokens", "--checkpoint", f"{tmp_path}/ckpt.pt",
-                       "--losses", f"{tmp_path}/l.csv", "--figures", f"{tmp_path}/fig",
-                       "--metrics", f"{tmp_path}/m.json", "--resume-dir", f"{tmp_path}/resume")
+    result = run_stage("pretrain", params, *stage_args("pretrain", tmp_path))
     assert_clean_failure(result, f"train.device is {device!r}", "set train.device to auto or cpu")
-    assert not (tmp_path / "ckpt.pt").exists()
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("content, phrases", [
@@ -84,8 +76,8 @@ def test_corpus_that_cannot_be_tokenized(tmp_path, content, phrases):
     corpus = tmp_path / "bad.txt"
     corpus.write_bytes(content)
     params = write_params(tmp_path / "params.yaml", TINY, corpus)
-    assert run_stage("download", params, "--out", f"{tmp_path}/corpus.txt").returncode == 0
-    result = run_stage("tokenize_corpus", params, "--corpus", f"{tmp_path}/corpus.txt", "--out", f"{tmp_path}/tokens")
+    assert run_stage("download", params, *stage_args("download", tmp_path)).returncode == 0
+    result = run_stage("tokenize_corpus", params, *stage_args("tokenize_corpus", tmp_path))
     assert_clean_failure(result, *phrases)
     assert not (tmp_path / "tokens").exists() or not list((tmp_path / "tokens").iterdir())
 
@@ -94,27 +86,23 @@ def test_corpus_too_small_for_one_window(tmp_path):
     corpus = tmp_path / "small.txt"
     corpus.write_text("Every effort moves you. " * 30)  # about 150 tokens: val gets 15
     params = prepare_tokens(tmp_path, corpus)
-    result = run_stage("pretrain", params, "--tokens", f"{tmp_path}/tokens", "--checkpoint", f"{tmp_path}/ckpt.pt",
-                       "--losses", f"{tmp_path}/l.csv", "--figures", f"{tmp_path}/fig",
-                       "--metrics", f"{tmp_path}/m.json", "--resume-dir", f"{tmp_path}/resume")
+    result = run_stage("pretrain", params, *stage_args("pretrain", tmp_path))
     assert_clean_failure(result, "the val split has", "model.context_length=32", "data.train_ratio")
-    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "l.csv").exists()
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "plots").exists()
 
 
-def tiny_checkpoint(path: Path) -> None:
+def tiny_model(path: Path) -> None:
     torch.manual_seed(0)
-    cfg = GPTConfig(**{**vars(GPTConfig()), **TINY["model"]})
-    save_checkpoint(path, GPTModel(cfg), None, step=0)
+    save_model(path, GPTModel(GPTConfig(**{**vars(GPTConfig()), **TINY["model"]})), step=0)
 
 
-def test_evaluate_refuses_a_truncated_checkpoint(tmp_path, corpus_path):
+def test_evaluate_refuses_a_truncated_model_file(tmp_path, corpus_path):
     params = prepare_tokens(tmp_path, corpus_path)
-    tiny_checkpoint(tmp_path / "good.pt")
-    data = (tmp_path / "good.pt").read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
-    result = run_stage("evaluate", params, "--tokens", f"{tmp_path}/tokens", "--checkpoint", f"{tmp_path}/cut.pt",
-                       "--out", f"{tmp_path}/eval.json")
-    assert_clean_failure(result, "not a readable PyTorch checkpoint", "re-run pretrain")
+    tiny_model(tmp_path / "good.safetensors")
+    data = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 3])
+    result = run_stage("evaluate", params, *stage_args("evaluate", tmp_path))
+    assert_clean_failure(result, "not a readable safetensors file", "re-run pretrain")
     assert not (tmp_path / "eval.json").exists()
 
 
@@ -124,10 +112,10 @@ def test_empty_and_overlong_prompts_are_handled(tmp_path, corpus_path, prompt):
     is seen through its last context_length tokens (documented in the README)."""
     params = write_params(tmp_path / "params.yaml",
                           {**TINY, "sample": {"prompt": prompt, "max_new_tokens": 5}}, corpus_path)
-    tiny_checkpoint(tmp_path / "ckpt.pt")
-    result = run_stage("sample", params, "--checkpoint", f"{tmp_path}/ckpt.pt", "--out", f"{tmp_path}/s.txt")
+    tiny_model(tmp_path / "model.safetensors")
+    result = run_stage("sample", params, *stage_args("sample", tmp_path))
     assert result.returncode == 0, result.stderr
-    text = (tmp_path / "s.txt").read_text()
+    text = (tmp_path / "sample.txt").read_text()
     assert text.startswith(prompt) and len(text) > len(prompt)
 
 

@@ -10,7 +10,8 @@ import pytest
 import tiktoken
 import torch
 
-from conftest import make_tokens, run_stage, write_params
+from conftest import make_tokens, run_stage, stage_args, write_params
+from gptpipe.params import GPTConfig
 
 book_ch02 = pytest.importorskip("llms_from_scratch.ch02", reason="the book's code (make install)")
 book_ch04 = pytest.importorskip("llms_from_scratch.ch04", reason="the book's code (make install)")
@@ -22,8 +23,7 @@ BOOK_TABLE = [(0, 9.781, 9.933), (5, 8.111, 8.339)]  # step, train loss, val los
 
 
 def book_run(text: str) -> list[tuple[int, float, float]]:
-    cfg = {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads": 12,
-           "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
+    cfg = vars(GPTConfig())  # the defaults are the book's model; its code reads the keys it knows
     split = int(0.9 * len(text))
     torch.manual_seed(123)
     train_loader = book_ch02.create_dataloader_v1(text[:split], batch_size=2, max_length=256,
@@ -42,11 +42,9 @@ def book_run(text: str) -> list[tuple[int, float, float]]:
 def pipeline_run(tmp_path, corpus) -> list[tuple[int, float, float]]:
     params = write_params(tmp_path / "params.yaml",
                           {"train": {"epochs": 1, "device": "cpu", "precision": "fp32"}}, corpus)
-    tokens = make_tokens(tmp_path, params)
-    run_stage("pretrain", params, "--tokens", str(tokens), "--checkpoint", f"{tmp_path}/ckpt.pt",
-              "--losses", f"{tmp_path}/losses.csv", "--figures", f"{tmp_path}/figures",
-              "--metrics", f"{tmp_path}/train.json", "--resume-dir", f"{tmp_path}/resume")
-    losses = pd.read_csv(tmp_path / "losses.csv")
+    make_tokens(tmp_path, params)
+    run_stage("pretrain", params, *stage_args("pretrain", tmp_path))
+    losses = pd.read_csv(tmp_path / "plots/losses.csv")
     return list(zip(losses["step"], losses["train_loss"], losses["val_loss"]))
 
 

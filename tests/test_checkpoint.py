@@ -1,50 +1,55 @@
+"""Model files (weights + config, safetensors) and the one safe torch.load."""
+
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from gptpipe.checkpoint import load_checkpoint, load_model, save_checkpoint
+from gptpipe.checkpoint import HEADER_KEY, load_model, read_model_file, save_model, torch_load
 from gptpipe.errors import PipelineError
 from gptpipe.model import GPTConfig, GPTModel
 
 CFG = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1)
 
 
-def trained_pair():
+def trained_model() -> GPTModel:
     torch.manual_seed(0)
     model = GPTModel(CFG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randint(0, 50, (2, 8))).sum().backward()
     optimizer.step()
-    return model, optimizer
+    return model
 
 
-def test_round_trip(tmp_path):
-    model, optimizer = trained_pair()
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, model, optimizer, step=1, epoch=1, tokens_seen=16)
-    state = torch.load(path, weights_only=True)  # plain tensors and values only
-    assert state["step"] == 1 and state["tokens_seen"] == 16 and state["config"]["emb_dim"] == 16
-    loaded, _ = load_model(path, torch.device("cpu"))
-    assert loaded.cfg == CFG and not loaded.training
+def test_round_trip_holds_weights_config_and_progress_only(tmp_path):
+    model = trained_model()
+    path = tmp_path / "model.safetensors"
+    save_model(path, model, step=1, epoch=1, tokens_seen=16)
+    with safe_open(path, framework="pt") as f:  # plain tensors and a JSON header, nothing else
+        assert set(f.keys()) == set(model.state_dict())
+        header = json.loads(f.metadata()[HEADER_KEY])
+    assert header["config"]["emb_dim"] == 16 and header["progress"] == {"step": 1, "epoch": 1, "tokens_seen": 16}
+    assert path.stat().st_size < 1.01 * sum(p.numel() * 4 for p in model.parameters()) + 4096
+    loaded, progress = load_model(path, torch.device("cpu"))
+    assert loaded.cfg == CFG and not loaded.training and progress["step"] == 1
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
-    fresh = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
-    fresh.load_state_dict(state["optimizer"])
-    assert [tmp.name for tmp in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
 def test_missing_truncated_and_foreign_files(tmp_path):
     with pytest.raises(PipelineError, match="not found: run the pretrain stage"):
-        load_checkpoint(tmp_path / "nope.pt")
-    model, optimizer = trained_pair()
-    save_checkpoint(tmp_path / "good.pt", model, optimizer, step=1)
-    data = (tmp_path / "good.pt").read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(PipelineError, match="not a readable PyTorch checkpoint"):
-        load_checkpoint(tmp_path / "cut.pt")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(PipelineError, match="not a checkpoint of this pipeline"):
-        load_checkpoint(tmp_path / "other.pt")
-
+        load_model(tmp_path / "nope.safetensors", torch.device("cpu"))
+    save_model(tmp_path / "good.safetensors", trained_model(), step=1)
+    data = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match="not a readable safetensors file"):
+        read_model_file(tmp_path / "cut.safetensors")
+    save_file({"weights": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(PipelineError, match="not a model of this pipeline"):
+        read_model_file(tmp_path / "other.safetensors")
 
 
 def test_a_malicious_pickle_is_refused_and_not_executed(tmp_path):
@@ -54,27 +59,29 @@ def test_a_malicious_pickle_is_refused_and_not_executed(tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    torch.save({"model": Payload(), "config": {}}, tmp_path / "evil.pt")
-    with pytest.raises(PipelineError, match="refused for safety"):
-        load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(PipelineError, match="refused for safety") as e:
+        torch_load(tmp_path / "evil.pt", "the file", "delete it")
+    assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
     assert not marker.exists()
     torch.load(tmp_path / "evil.pt", weights_only=False)  # the unsafe way runs the payload
     assert marker.exists()
 
 
 def test_weights_that_do_not_fit_the_stored_config(tmp_path):
-    model, optimizer = trained_pair()
-    save_checkpoint(tmp_path / "ckpt.pt", model, optimizer, step=1)
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    state["config"]["emb_dim"] = 32  # n_heads 2 still divides it; the tensors are 16 wide
-    torch.save(state, tmp_path / "mixed.pt")
+    model = trained_model()
+    header = {"format_version": 1, "config": {**vars(CFG), "emb_dim": 32}, "progress": {}}  # n_heads 2 divides 32
+    save_file(model.state_dict(), tmp_path / "mixed.safetensors", metadata={HEADER_KEY: json.dumps(header)})
     with pytest.raises(PipelineError, match="do not fit the model config"):
-        load_model(tmp_path / "mixed.pt", torch.device("cpu"))
+        load_model(tmp_path / "mixed.safetensors", torch.device("cpu"))
 
 
-def test_tied_embeddings_stay_one_parameter_after_loading(tmp_path):
+def test_tied_embeddings_are_stored_once_and_stay_one_parameter(tmp_path):
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(**{**vars(CFG), "tie_embeddings": True}))
-    save_checkpoint(tmp_path / "tied.pt", model, None, step=0)
-    loaded, _ = load_model(tmp_path / "tied.pt", torch.device("cpu"))
+    save_model(tmp_path / "tied.safetensors", model, step=0)
+    with safe_open(tmp_path / "tied.safetensors", framework="pt") as f:
+        assert "out_head.weight" not in f.keys()
+    loaded, _ = load_model(tmp_path / "tied.safetensors", torch.device("cpu"))
     assert loaded.out_head.weight is loaded.tok_emb.weight
+    assert torch.equal(loaded.out_head.weight, model.out_head.weight)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptpipe.data import (TokenWindows, read_tokens, require_windows, split_text, window_loader,
-                          write_tokens)
+from gptpipe.data import TokenWindows, require_windows, split_text, window_loader
+from gptpipe.tokens import read_tokens, write_tokens
 from gptpipe.errors import PipelineError
 
 

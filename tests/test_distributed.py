@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY, make_tokens, write_params
+from conftest import ROOT, TINY, make_tokens, stage_args, write_params
 from gptpipe.checkpoint import load_model
-from gptpipe.distributed import Processes, per_process_batch, sharded_loader
+from gptpipe.distributed import Processes, sharded_loader
 from gptpipe.errors import PipelineError
-from gptpipe.params import load_params
+from gptpipe.params import load_params, per_process_batch
 
 # fp32 without dropout: how the global batch is split may then change the results only by
 # the rounding of the gradients' sum. One window every 64 tokens of the book's corpus in
@@ -47,9 +47,8 @@ def pretrain(out: Path, tokens: Path, corpus: Path, torchrun_nproc: int | None =
     if torchrun_nproc is not None:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}"]
     return subprocess.Popen(
-        [*launcher, str(ROOT / "stages/pretrain.py"), "--params", str(params), "--tokens", str(tokens),
-         "--checkpoint", f"{out}/ckpt.pt", "--losses", f"{out}/losses.csv", "--figures", f"{out}/figures",
-         "--metrics", f"{out}/train.json", "--resume-dir", f"{out}/resume"],
+        [*launcher, str(ROOT / "stages/pretrain.py"), "--params", str(params), *stage_args("pretrain", out),
+         "--tokens", str(tokens)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread per process on the shared cores
 
@@ -92,7 +91,7 @@ def no_process_left(tmp_path):
 
 
 def logged(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "losses.csv")
+    return pd.read_csv(out / "plots/losses.csv")
 
 
 def assert_same_training(one: Path, two: Path) -> None:
@@ -105,8 +104,8 @@ def assert_same_training(one: Path, two: Path) -> None:
     metrics_a, metrics_b = (json.loads((out / "train.json").read_text()) for out in (one, two))
     assert metrics_a["steps"] == metrics_b["steps"] and metrics_a["tokens_seen"] == metrics_b["tokens_seen"]
     # the checkpoint of the processes loads in a plain process, with the same weights
-    model_a, _ = load_model(one / "ckpt.pt", torch.device("cpu"))
-    model_b, saved = load_model(two / "ckpt.pt", torch.device("cpu"))
+    model_a, _ = load_model(one / "model.safetensors", torch.device("cpu"))
+    model_b, saved = load_model(two / "model.safetensors", torch.device("cpu"))
     assert saved["step"] == metrics_a["steps"]
     for (name, weight_a), weight_b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         torch.testing.assert_close(weight_b, weight_a, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
@@ -147,7 +146,7 @@ def test_stopped_processes_resume_where_they_stopped(one_process, tokens, corpus
     _, stderr = run.communicate(timeout=120)
     assert run.returncode != 0
     assert "error: stopped by signal 15" in stderr and "run the stage again" in stderr
-    assert not (out / "ckpt.pt").exists()
+    assert not (out / "model.safetensors").exists()
 
     stderr = finish(pretrain(out, tokens, corpus_path, **settings))
     assert "resuming from" in stderr
@@ -182,5 +181,5 @@ def test_the_global_batch_must_split_evenly(tmp_path):
     with pytest.raises(PipelineError, match=r"train\.batch_size \(6\).*train\.nproc.*multiple of 4"):
         per_process_batch(6, 4)
     params = write_params(tmp_path / "params.yaml", {"train": {"batch_size": 3, "nproc": 2}})
-    with pytest.raises(PipelineError, match=r"train\.batch_size \(3\).*train\.nproc \(2\)"):
+    with pytest.raises(PipelineError, match=r"train\.batch_size \(3\).*2 processes \(train\.nproc"):
         load_params(params)

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from conftest import git_commit, run_dvc
+from gptpipe.checkpoint import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -39,17 +40,18 @@ def test_repro_status_experiments_metrics_plots(dvc_project):
         tokens = np.fromfile(project / "data/tokens" / meta["splits"][split]["file"], dtype=meta["dtype"])
         assert len(tokens) == meta["splits"][split]["tokens"] > 32
     assert meta["vocab_size"] == 50257 and meta["tokenizer"] == "gpt2"
-    checkpoint = torch.load(project / "data/model/checkpoint.pt", weights_only=True)
-    assert checkpoint["config"]["emb_dim"] == 64 and checkpoint["step"] > 0
+    model, progress = load_model(project / "data/model/model.safetensors", torch.device("cpu"))
+    assert model.cfg.emb_dim == 64 and progress["step"] > 0
     losses = pd.read_csv(project / "plots/losses.csv")
-    assert {"step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"} <= set(losses.columns)
+    assert list(losses.columns) == ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "train_perplexity",
+                                    "val_perplexity", "lr", "grad_norm"]
     assert len(losses) >= 1 and losses["lr"].eq(0.0004).all()
     lrs = pd.read_csv(project / "plots/lr.csv")  # every step's lr, not only the evaluated ones
-    assert list(lrs["step"]) == list(range(checkpoint["step"])) and lrs["lr"].eq(0.0004).all()
+    assert list(lrs["step"]) == list(range(progress["step"])) and lrs["lr"].eq(0.0004).all()
     for name in ("loss_by_step.png", "loss_by_tokens.png", "perplexity.png", "lr.png"):
         assert (project / "plots/figures" / name).read_bytes().startswith(b"\x89PNG")
     train_metrics = json.loads((project / "metrics/train.json").read_text())
-    assert train_metrics["steps"] == checkpoint["step"] and train_metrics["tokens_per_second"] > 0
+    assert train_metrics["steps"] == progress["step"] and train_metrics["tokens_per_second"] > 0
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     for split in ("train", "val"):
         assert evaluation[split]["perplexity"] == pytest.approx(np.exp(evaluation[split]["loss"]))
@@ -80,11 +82,9 @@ def test_repro_status_experiments_metrics_plots(dvc_project):
 def test_forced_reruns_are_bitwise_identical(dvc_project):
     project = dvc_project
     run_dvc(project, "repro")
-    outputs = ["metrics/eval.json", "plots/losses.csv", "data/samples/sample.txt"]
+    # the model file holds weights, config and progress: no timings, so the same bytes
+    outputs = ["data/model/model.safetensors", "metrics/eval.json", "plots/losses.csv", "data/samples/sample.txt"]
     first = {name: (project / name).read_bytes() for name in outputs}
-    first_weights = torch.load(project / "data/model/checkpoint.pt", weights_only=True)["model"]
     run_dvc(project, "repro", "--force", "pretrain", "evaluate", "sample")
     for name in outputs:
         assert (project / name).read_bytes() == first[name], name
-    second_weights = torch.load(project / "data/model/checkpoint.pt", weights_only=True)["model"]
-    assert all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)

@@ -49,14 +49,38 @@ def test_push_then_pull_in_a_fresh_clone_restores_every_output(dvc_project, tmp_
     git_commit(project, "run, shared through the storage remote")  # dvc.lock and .dvc/config
     dvc(project, "push")
     originals = output_files(project)
-    assert {"data/model/checkpoint.pt", "metrics/eval.json", "data/tokens/meta.json"} <= set(originals)
+    assert {"data/model/model.safetensors", "metrics/eval.json", "data/tokens/meta.json"} <= set(originals)
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
-    assert not (clone / "data/model/checkpoint.pt").exists()  # git holds no outputs
+    assert not (clone / "data/model/model.safetensors").exists()  # git holds no outputs
     dvc(clone, "pull")
+    # every cached output is back; the export, which is not cached, is rebuilt from the model
+    assert set(json.loads(dvc(clone, "status", "--json"))) == {"export"}
+    rerun = dvc(clone, "repro")
+    assert "Running stage 'export'" in rerun and "Running stage 'pretrain'" not in rerun
     assert output_files(clone) == originals
     assert json.loads(dvc(clone, "status", "--json")) == {}
+
+
+def cache_bytes(project: Path) -> int:
+    return sum(path.stat().st_size for path in (project / ".dvc/cache").rglob("*") if path.is_file())
+
+
+def test_an_experiment_caches_the_weights_not_the_optimizer(dvc_project):
+    """What one `dvc exp run` adds to the DVC cache: the model file (weights and config, not
+    AdamW's two moments, which would triple it), the small reports, nothing else."""
+    project = dvc_project
+    use_sparse_windows(project)
+    dvc(project, "repro")
+    before = cache_bytes(project)
+    dvc(project, "exp", "run", "-S", "train.lr=5e-4")
+    model = project / "data/model/model.safetensors"
+    added = cache_bytes(project) - before
+    reports = sum(path.stat().st_size for folder in ("plots", "metrics", "data/samples")
+                  for path in (project / folder).rglob("*") if path.is_file())
+    assert model.stat().st_size < added <= model.stat().st_size + reports + 4096  # + .dir manifests
+    assert not (project / "data/resume").exists() or not any((project / "data/resume").iterdir())
 
 
 def queue_statuses(project: Path) -> dict[str, str]:

@@ -8,14 +8,16 @@ import pytest
 import tiktoken
 import torch
 
-from conftest import ROOT, UniformModel, write_params
-from gptpipe.checkpoint import save_checkpoint
-from gptpipe.corpus import token_byte_lengths, tokenize_corpus
-from gptpipe.data import TokenWindows, first_windows, read_tokens, window_loader
+from conftest import ROOT, UniformModel, run_stage, write_params
+from gptpipe.checkpoint import save_model
+from gptpipe.corpus import tokenize_corpus
+from gptpipe.data import TokenWindows, first_windows, window_loader
+from gptpipe.tokens import read_tokens
 from gptpipe.errors import PipelineError
-from gptpipe.metrics import Evaluation, evaluate_windows, loader_loss
+from gptpipe.metrics import Evaluation, evaluate_loader
 from gptpipe.model import GPTConfig, GPTModel
 from gptpipe.params import load_params
+from gptpipe.tokenizer import token_byte_lengths
 
 GPT2 = tiktoken.get_encoding("gpt2")
 CPU = torch.device("cpu")
@@ -40,20 +42,20 @@ def test_token_byte_lengths_are_the_decoded_bytes():
 def test_uniform_model_bits_per_byte(verdict_path, stride):
     tokens = np.array(GPT2.encode(verdict_path.read_text(encoding="utf-8")[:3000]), dtype=np.uint16)
     loader = window_loader(tokens, 8, stride, batch_size=5, shuffle=False, drop_last=False)
-    result = evaluate_windows(UniformModel(GPT2.n_vocab), loader, CPU, token_byte_lengths())
+    result = evaluate_loader(UniformModel(GPT2.n_vocab), loader, CPU, token_bytes=token_byte_lengths())
     n_bytes = target_bytes(tokens, 8, stride)
     assert result.tokens == len(loader.dataset) * 8 and result.bytes == n_bytes
     assert result.loss == pytest.approx(math.log(GPT2.n_vocab))
     assert result.bits_per_byte == pytest.approx(math.log2(GPT2.n_vocab) * result.tokens / n_bytes)
 
 
-def test_evaluation_loss_is_loader_loss():
+def test_counting_bytes_does_not_change_the_loss():
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=GPT2.n_vocab, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
     tokens = np.random.default_rng(0).integers(0, GPT2.n_vocab, 200).astype(np.uint16)
     loader = window_loader(tokens, 8, 8, batch_size=3, shuffle=False, drop_last=False)
-    result = evaluate_windows(model, loader, CPU, token_byte_lengths())
-    assert result.loss == loader_loss(model, loader, CPU).loss
+    result = evaluate_loader(model, loader, CPU, token_bytes=token_byte_lengths())
+    assert result.loss == evaluate_loader(model, loader, CPU).loss and result.bytes > 0
     assert result.perplexity == pytest.approx(math.exp(result.loss))
     assert model.training  # left as it was found
 
@@ -82,34 +84,33 @@ CONTEXT = 16
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, verdict_path):
     """Token splits of the-verdict's first 8,000 characters (train | val | test) and a small
-    random model's checkpoint."""
+    random model's model file."""
     root = tmp_path_factory.mktemp("evaluate")
     (root / "corpus.txt").write_text(verdict_path.read_text(encoding="utf-8")[:8000], encoding="utf-8")
     tokenize_corpus(root / "corpus.txt", root / "tokens", 0.8, 0.1)
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=GPT2.n_vocab, context_length=CONTEXT, emb_dim=16, n_heads=2, n_layers=1))
-    save_checkpoint(root / "ckpt.pt", model, None, step=0, epoch=0, tokens_seen=0)
+    save_model(root / "model.safetensors", model, step=0, epoch=0, tokens_seen=0)
     return root, model.eval()
 
 
-def run_stage(root, tmp_path, **evaluate) -> dict:
-    from test_stages import load_stage
+def run_evaluate(root, tmp_path, **evaluate) -> dict:
     params = write_params(tmp_path / "params.yaml", {"train": {"stride": CONTEXT, "device": "cpu"},
                                                      "evaluate": {"batch_size": 4, **evaluate}})
     out = tmp_path / "eval.json"
-    load_stage("evaluate").main(["--params", str(params), "--tokens", str(root / "tokens"),
-                                 "--checkpoint", str(root / "ckpt.pt"), "--out", str(out)])
+    run_stage("evaluate", params, "--tokens", str(root / "tokens"), "--model", str(root / "model.safetensors"),
+              "--out", str(out))
     return json.loads(out.read_text())
 
 
 def test_stage_reports_every_split_with_bits_per_byte(evaluated, tmp_path):
     root, model = evaluated
-    report = run_stage(root, tmp_path, max_tokens=None)
+    report = run_evaluate(root, tmp_path, max_tokens=None)
     assert list(report) == ["train", "val", "test"]
     for split, metrics in report.items():
         tokens = read_tokens(root / "tokens" / f"{split}.bin")
         loader = window_loader(tokens, CONTEXT, CONTEXT, 4, shuffle=False, drop_last=False)
-        expected = loader_loss(model, loader, CPU)
+        expected = evaluate_loader(model, loader, CPU)
         assert set(metrics) == {"loss", "perplexity", "tokens", "bits_per_byte"}
         assert metrics["tokens"] == expected.tokens == len(loader.dataset) * CONTEXT
         assert metrics["loss"] == pytest.approx(expected.loss)
@@ -122,25 +123,25 @@ def test_stage_reports_every_split_with_bits_per_byte(evaluated, tmp_path):
 def test_stage_max_tokens_takes_the_first_windows(evaluated, tmp_path):
     root, model = evaluated
     max_tokens = 5 * CONTEXT + 7  # five whole windows of targets
-    report = run_stage(root, tmp_path, max_tokens=max_tokens)
+    report = run_evaluate(root, tmp_path, max_tokens=max_tokens)
     for split, metrics in report.items():
         tokens = read_tokens(root / "tokens" / f"{split}.bin")
         first_five = window_loader(tokens[:5 * CONTEXT + 1], CONTEXT, CONTEXT, 4, shuffle=False, drop_last=False)
         assert metrics["tokens"] == 5 * CONTEXT
-        assert metrics["loss"] == pytest.approx(loader_loss(model, first_five, CPU).loss)
+        assert metrics["loss"] == pytest.approx(evaluate_loader(model, first_five, CPU).loss)
 
 
 def test_stage_without_test_split_reports_train_and_val(evaluated, tmp_path):
     root, _ = evaluated
     tokenize_corpus(root / "corpus.txt", tmp_path / "tokens", 0.9)
-    (tmp_path / "ckpt.pt").symlink_to(root / "ckpt.pt")
-    assert list(run_stage(tmp_path, tmp_path, max_tokens=None)) == ["train", "val"]
+    (tmp_path / "model.safetensors").symlink_to(root / "model.safetensors")
+    assert list(run_evaluate(tmp_path, tmp_path, max_tokens=None)) == ["train", "val"]
 
 
 def test_stage_max_tokens_below_one_window_is_an_error(evaluated, tmp_path):
     root, _ = evaluated
     with pytest.raises(PipelineError, match=f"evaluate.max_tokens=10 is less than one window of {CONTEXT}"):
-        run_stage(root, tmp_path, max_tokens=10)
+        run_evaluate(root, tmp_path, max_tokens=10)
 
 
 @pytest.mark.parametrize("value, error", [(None, None), (1, None), (0, "evaluate.max_tokens must be null"),

@@ -4,14 +4,14 @@ uninterrupted run ends (on CPU)."""
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, make_tokens, write_params
+from conftest import TINY, make_tokens, stage_args, stage_command, write_params
+from gptpipe.checkpoint import load_model
 
 OVERRIDES = {**TINY, "train": {**TINY["train"], "epochs": 2, "checkpoint_every": 3, "eval_freq": 4}}
 
@@ -28,11 +28,8 @@ def prepared(tmp_path_factory, corpus_path):
 
 
 def pretrain(params: Path, tokens: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "stages/pretrain.py"), "--params", str(params), "--tokens", str(tokens),
-         "--checkpoint", f"{out}/ckpt.pt", "--losses", f"{out}/losses.csv", "--figures", f"{out}/figures",
-         "--metrics", f"{out}/train.json", "--resume-dir", f"{out}/resume"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(stage_command("pretrain", params, *stage_args("pretrain", out), "--tokens", str(tokens)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -44,12 +41,13 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    weights_a = torch.load(a / "ckpt.pt", weights_only=True)
-    weights_b = torch.load(b / "ckpt.pt", weights_only=True)
-    assert weights_a["step"] == weights_b["step"]
-    for key, value in weights_a["model"].items():
-        assert torch.equal(value, weights_b["model"][key]), key
-    assert (a / "losses.csv").read_bytes() == (b / "losses.csv").read_bytes()
+    model_a, progress_a = load_model(a / "model.safetensors", torch.device("cpu"))
+    model_b, progress_b = load_model(b / "model.safetensors", torch.device("cpu"))
+    assert progress_a == progress_b
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(value, model_b.state_dict()[key]), key
+    for name in ("losses.csv", "lr.csv"):
+        assert (a / "plots" / name).read_bytes() == (b / "plots" / name).read_bytes()
     metrics_a, metrics_b = (json.loads((x / "train.json").read_text()) for x in (a, b))
     for key in ("loss", "steps", "tokens_seen"):  # the rest are timings
         assert metrics_a[key] == metrics_b[key]
@@ -61,7 +59,7 @@ def test_resume_after_sigkill_is_bitwise_identical(prepared, tmp_path):
     wait_for(tmp_path / "resume/pretrain.pt", run)
     run.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL
-    assert not (tmp_path / "ckpt.pt").exists()
+    assert not (tmp_path / "model.safetensors").exists()
 
     rerun = pretrain(params, tokens, tmp_path)
     _, stderr = rerun.communicate(timeout=300)

@@ -1,12 +1,11 @@
-import importlib.util
 import itertools
 import re
 
 import pytest
 import torch
 
-from conftest import ROOT, write_params
-from gptpipe.checkpoint import save_checkpoint
+from conftest import run_stage, stage_args, write_params
+from gptpipe.checkpoint import save_model
 from gptpipe.errors import PipelineError
 from gptpipe.generate import beam_search, generate, next_logits, next_token
 from gptpipe.model import GPTConfig, GPTModel, KVCache
@@ -181,17 +180,13 @@ def test_beam_search_stops_each_beam_at_end_of_text(model):
 
 
 def run_sample_stage(tmp_path, **sample) -> str:
-    spec = importlib.util.spec_from_file_location("stage_sample", ROOT / "stages" / "sample.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    checkpoint = tmp_path / "ckpt.pt"
-    if not checkpoint.exists():
+    if not (tmp_path / "model.safetensors").exists():
         torch.manual_seed(0)
-        save_checkpoint(checkpoint, GPTModel(GPTConfig(context_length=16, emb_dim=8, n_heads=2, n_layers=1)), None)
+        save_model(tmp_path / "model.safetensors", GPTModel(GPTConfig(context_length=16, emb_dim=8, n_heads=2,
+                                                                      n_layers=1)))
     params = write_params(tmp_path / "params.yaml", {"train": {"device": "cpu"}, "sample": sample})
-    out = tmp_path / "sample.txt"
-    stage.main(["--params", str(params), "--checkpoint", str(checkpoint), "--out", str(out)])
-    return out.read_text()
+    run_stage("sample", params, *stage_args("sample", tmp_path))
+    return (tmp_path / "sample.txt").read_text()
 
 
 def test_sample_stage_writes_each_seeded_sample_under_a_header(tmp_path):

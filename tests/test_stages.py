@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, write_params
+from conftest import ROOT, TINY, stage_args, write_params
 from gptpipe import params as params_module
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -64,18 +64,7 @@ VARIANTS = {"defaults": {},
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
 def test_every_stage_reads_exactly_its_declared_params(tmp_path, corpus_path, monkeypatch, variant):
     params_path = write_params(tmp_path / "params.yaml", {**TINY, **variant}, corpus_path)
-    d = tmp_path
-    runs = {
-        "download": ["--out", f"{d}/raw/corpus.txt"],
-        "tokenize": ["--corpus", f"{d}/raw/corpus.txt", "--out", f"{d}/tokens"],
-        "pretrain": ["--tokens", f"{d}/tokens", "--checkpoint", f"{d}/model/ckpt.pt",
-                     "--losses", f"{d}/losses.csv", "--figures", f"{d}/figures",
-                     "--metrics", f"{d}/train.json", "--resume-dir", f"{d}/resume"],
-        "evaluate": ["--tokens", f"{d}/tokens", "--checkpoint", f"{d}/model/ckpt.pt",
-                     "--out", f"{d}/eval.json"],
-        "sample": ["--checkpoint", f"{d}/model/ckpt.pt", "--out", f"{d}/sample.txt"],
-        "export": ["--checkpoint", f"{d}/model/ckpt.pt", "--out", f"{d}/export"],
-    }
+    runs = {stage: stage_args(script_of(stage).stem, tmp_path) for stage in DVC_YAML}
     assert list(runs) == list(DVC_YAML), "the test must cover every stage of dvc.yaml"
     read_by_any = set()
     for stage, args in runs.items():

@@ -11,10 +11,10 @@ import tiktoken
 
 from conftest import ROOT, write_params
 from gptpipe import corpus
-from gptpipe.corpus import (SAFE_CUT, cut_chunks, plan_splits, scan_corpus, split_pieces,
-                            token_byte_lengths, tokenize_corpus)
+from gptpipe.corpus import SAFE_CUT, cut_chunks, plan_splits, scan_corpus, split_pieces, tokenize_corpus
 from gptpipe.errors import PipelineError
 from gptpipe.params import load_params
+from gptpipe.tokenizer import token_byte_lengths
 
 EOT = "<|endoftext|>"
 GPT2 = tiktoken.get_encoding("gpt2")

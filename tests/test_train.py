@@ -7,7 +7,8 @@ import torch
 from gptpipe.data import window_loader
 from gptpipe.errors import PipelineError
 from gptpipe.model import GPTConfig, GPTModel
-from gptpipe.train import LoopSettings, LRSchedule, make_optimizer, train, warmup_steps
+from gptpipe.pretrain import make_optimizer
+from gptpipe.train import Loaders, LoopSettings, LRSchedule, train, warmup_steps
 
 CPU = torch.device("cpu")
 CFG = GPTConfig(vocab_size=97, context_length=8, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
@@ -25,7 +26,8 @@ def run(batch_size, accum=1, steps=None, amp_dtype=None, schedule=None, grad_cli
     loader = window_loader(TOKENS, 8, 8, batch_size, shuffle=False, drop_last=True)
     settings = LoopSettings(epochs=1, eval_freq=1, eval_iter=2, grad_accum_steps=accum,
                             grad_clip=grad_clip, max_steps=steps)
-    state = train(model, optimizer, loader, loader, CPU, settings, schedule or constant(), amp_dtype)
+    state = train(model, optimizer, Loaders(loader, loader), settings, schedule or constant(), device=CPU,
+                  amp_dtype=amp_dtype)
     return model, state
 
 
@@ -90,4 +92,4 @@ def test_a_non_finite_loss_stops_with_the_step_named():
     with torch.no_grad():
         model.final_norm.weight[0] = math.nan
     with pytest.raises(PipelineError, match=r"became nan at step 0 \(epoch 1\).*train.lr"):
-        train(model, optimizer, loader, loader, CPU, LoopSettings(1, 1, 1), constant())
+        train(model, optimizer, Loaders(loader, loader), LoopSettings(1, 1, 1), constant(), device=CPU)

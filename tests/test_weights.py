@@ -2,15 +2,14 @@
 logits in our model, and our export gives the same logits in transformers. Nothing is downloaded:
 the GPT-2 models are small and randomly initialised."""
 
-import importlib.util
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT, TINY, write_params
-from gptpipe.checkpoint import load_model
+from conftest import TINY, make_tokens, run_stage, stage_args, write_params
+from gptpipe.checkpoint import load_model, save_model
 from gptpipe.errors import PipelineError
 from gptpipe.model import GPTConfig, GPTModel
 from gptpipe.params import load_params
@@ -125,7 +124,7 @@ def test_missing_and_extra_weights_are_refused(tmp_path):
 
 
 def test_unusable_init_from_paths(tmp_path):
-    with pytest.raises(PipelineError, match="does not exist; give scratch, a Hugging Face"):
+    with pytest.raises(PipelineError, match="does not exist; give scratch, a model file of this pipeline"):
         initial_model(SMALL, str(tmp_path / "nowhere"))
     with pytest.raises(PipelineError, match="has no config.json"):
         initial_model(SMALL, str(tmp_path))
@@ -209,16 +208,8 @@ def test_book_checkpoint_shapes_are_checked_against_the_params(tmp_path):
 
 # ---------------------------------------------------------------- through the stages
 
-def run_stage(script: str, *args: str) -> None:
-    spec = importlib.util.spec_from_file_location(f"stage_{script}", ROOT / "stages" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(list(args))
-
-
-def test_pretrain_from_hf_gpt2_with_no_epochs_keeps_its_logits_and_exports_them(tmp_path, corpus_path,
-                                                                                monkeypatch):
-    """init_from a GPT-2 directory, train.epochs 0: the pipeline's checkpoint is that model, and
+def test_pretrain_from_hf_gpt2_with_no_epochs_keeps_its_logits_and_exports_them(tmp_path, corpus_path):
+    """init_from a GPT-2 directory, train.epochs 0: the pipeline's model file is that model, and
     the export stage gives it back to transformers unchanged."""
     hf = hf_gpt2(vocab_size=50257)
     hf.save_pretrained(tmp_path / "gpt2")
@@ -228,21 +219,33 @@ def test_pretrain_from_hf_gpt2_with_no_epochs_keeps_its_logits_and_exports_them(
                   "init_from": str(tmp_path / "gpt2")},
         "train": {**TINY["train"], "epochs": 0},
     }, corpus_path)
-    d = tmp_path
-    monkeypatch.chdir(d)  # where the stages' other default paths land
-    run_stage("download", "--params", str(params), "--out", f"{d}/raw.txt")
-    run_stage("tokenize_corpus", "--params", str(params), "--corpus", f"{d}/raw.txt", "--out", f"{d}/tokens")
-    run_stage("pretrain", "--params", str(params), "--tokens", f"{d}/tokens",
-              "--checkpoint", f"{d}/ckpt.pt", "--losses", f"{d}/losses.csv", "--figures", f"{d}/figures",
-              "--metrics", f"{d}/train.json", "--resume-dir", f"{d}/resume")
+    make_tokens(tmp_path, params)
+    run_stage("pretrain", params, *stage_args("pretrain", tmp_path))
     tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
-    model, _ = load_model(d / "ckpt.pt", torch.device("cpu"))
+    model, _ = load_model(tmp_path / "model.safetensors", torch.device("cpu"))
     expected = hf_logits(hf, tokens)
     assert_same_logits(our_logits(model, tokens), expected)
 
-    run_stage("export", "--checkpoint", f"{d}/ckpt.pt", "--out", f"{d}/export")
-    exported = transformers.GPT2LMHeadModel.from_pretrained(d / "export").eval()
+    run_stage("export", params, *stage_args("export", tmp_path))
+    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     assert_same_logits(hf_logits(exported, tokens), expected)
+
+
+# ---------------------------------------------------------------- this pipeline's own model files
+
+def test_init_from_an_earlier_runs_model_file(tmp_path):
+    """A run can start from another experiment's data/model/model.safetensors: same weights,
+    its architecture checked against the params like any checkpoint's."""
+    torch.manual_seed(0)
+    earlier = randomised(GPTModel(SMALL))
+    save_model(tmp_path / "model.safetensors", earlier, step=7)
+    assert_same_logits(our_logits(initial_model(SMALL, str(tmp_path / "model.safetensors"))),
+                       our_logits(earlier))
+    shorter = GPTConfig(**{**vars(SMALL), "context_length": 16, "drop_rate": 0.0})  # both free to differ
+    assert_same_logits(our_logits(initial_model(shorter, str(tmp_path / "model.safetensors")), TOKENS[:, :16]),
+                       our_logits(earlier, TOKENS[:, :16]))
+    with pytest.raises(PipelineError, match="model.n_layers is 3 in the params, 2 in the checkpoint"):
+        initial_model(GPTConfig(**{**vars(SMALL), "n_layers": 3}), str(tmp_path / "model.safetensors"))
 
 
 def test_init_from_must_not_be_empty(tmp_path):

@@ -1,68 +1,103 @@
-"""Checkpoints: written atomically, loaded only with weights_only=True (no arbitrary unpickling)."""
+"""The model a training run hands on: its weights and model config in one safetensors file.
+
+safetensors holds tensors and a header of strings, nothing executable, and loads by
+memory-mapping. The header carries the GPTConfig and the run's progress (step, epoch,
+tokens seen) as JSON. A tied output head is stored once, as the token embedding. The
+optimizer's moments and the RNG states are not here: they are resume state (gptpipe.resume),
+so a DVC-cached model costs its weights only.
+
+This module also holds the one safe torch.load of the project, for the torch files it reads
+(resume state, the book's checkpoints): weights_only=True, never arbitrary unpickling.
+"""
 
 import dataclasses
+import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from gptpipe.errors import PipelineError
 from gptpipe.files import atomic_path
-from gptpipe.model import GPTConfig, GPTModel
+from gptpipe.model import GPTModel
+from gptpipe.params import GPTConfig
 
+HEADER_KEY = "gptpipe"  # the header entry that marks a model file of this pipeline
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Optimizer | None,
-                    **progress: Any) -> None:
-    """Save model and optimizer state, the model config and progress counters (step, epoch, ...)."""
-    state = {
-        "format_version": FORMAT_VERSION,
-        "config": dataclasses.asdict(model.cfg),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        **progress,
-    }
+def save_model(path: str | Path, model: GPTModel, **progress: int) -> None:
+    """Write `model`'s weights, config and `progress` (step=..., epoch=...) to `path`, atomically."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        del state["out_head.weight"]  # the same tensor as tok_emb.weight
+    header = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(model.cfg), "progress": progress}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        save_file({key: value.detach().contiguous() for key, value in state.items()}, tmp,
+                  metadata={"format": "pt", HEADER_KEY: json.dumps(header)})
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_model_file(path: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """The config, the weights (by GPTModel's names, the tied head included) and the progress
+    stored in a model file of this pipeline."""
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"checkpoint {path} not found: run the pretrain stage first (dvc repro pretrain)")
+        raise PipelineError(f"model file {path} not found: run the pretrain stage first (dvc repro pretrain)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise PipelineError(f"{path} holds objects other than tensors and plain values, which are "
-                            f"refused for safety (weights_only=True); it was not loaded. {e}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise PipelineError(f"{path} is not a readable PyTorch checkpoint (truncated or another "
-                            f"format?): {e}; re-run pretrain to write it again") from e
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise PipelineError(f"{path} is a PyTorch file but not a checkpoint of this pipeline "
-                            f"(no 'model' and 'config' entries)")
-    return state
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise PipelineError(f"{path} is not a readable safetensors file ({e}); if it is a model "
+                            f"of this pipeline, re-run pretrain to write it again") from e
+    if HEADER_KEY not in metadata:
+        raise PipelineError(f"{path} is a safetensors file but not a model of this pipeline (its header "
+                            f"has no '{HEADER_KEY}' entry); a Hugging Face GPT-2 is a directory with "
+                            f"config.json next to it")
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+        config = GPTConfig(**header["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PipelineError(f"{path} has a model header this version cannot read ({e}); re-run "
+                            f"pretrain to write it again") from e
+    if config.tie_embeddings and "tok_emb.weight" in state:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    return config, state, header.get("progress", {})
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[GPTModel, dict[str, Any]]:
-    """The model of a checkpoint, on `device`, in eval mode; and the checkpoint itself."""
-    state = load_checkpoint(path, map_location=device)
-    try:
-        config = GPTConfig(**state["config"])
-    except TypeError as e:
-        raise PipelineError(f"{path} has a model config this version does not know ({e}); "
-                            f"re-run pretrain to write it again") from e
+    """The model of a model file, on `device`, in eval mode; and its progress counters."""
+    config, state, progress = read_model_file(path, device)
     with torch.device("meta"):  # no time spent initialising weights that are overwritten
         model = GPTModel(config)
     try:
-        model.load_state_dict(state["model"], assign=True)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as e:
         raise PipelineError(f"the weights in {path} do not fit the model config stored with them "
-                            f"({str(e).splitlines()[0]} ...); the file was altered or mixed from two runs: "
-                            f"re-run pretrain") from e
+                            f"({str(e).splitlines()[0]} ...); the file was altered or mixed from two "
+                            f"runs: re-run pretrain") from e
     if config.tie_embeddings:  # assign=True replaced the shared Parameter with two
         model.out_head.weight = model.tok_emb.weight
-    return model.to(device).eval(), state
+    return model.to(device).eval(), progress
+
+
+def torch_load(path: Path, what: str, fix: str, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load with weights_only=True: plain tensors and values, never code. `what` names the
+    file for the error message, `fix` says what to do about an unreadable one."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message goes on to advise turning the check off; keep only what it found
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise PipelineError(f"{what} {path} holds objects other than tensors and plain values "
+                            f"({found.group(1) if found else 'a pickled object'}), which are refused for "
+                            f"safety: loading them could run code; {fix}") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise PipelineError(f"{what} {path} is not a readable PyTorch file (truncated or another "
+                            f"format?): {str(e).splitlines()[0] if str(e) else type(e).__name__}; {fix}") from e

@@ -17,7 +17,6 @@ cut (SAFE_CUT), so chunking never changes an id.
 
 import codecs
 import hashlib
-import json
 import os
 import re
 from array import array
@@ -26,17 +25,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from gptpipe.data import TOKEN_DTYPE, token_writer
 from gptpipe.errors import PipelineError
 from gptpipe.files import write_json
 from gptpipe.tokenizer import END_OF_TEXT, encode, gpt2_encoding
+from gptpipe.tokens import TOKEN_DTYPE, token_writer
 
 READ_BYTES = 1 << 20
 CHUNK_CHARS = 1 << 20
@@ -217,7 +215,7 @@ def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[t
 
 def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float, test_ratio: float = 0.0,
                     *, workers: int | None = None, chunk_chars: int = CHUNK_CHARS) -> dict[str, Any]:
-    """Write <split>.bin (flat token ids, see data.read_tokens) for train, val and, when
+    """Write <split>.bin (flat token ids, see tokens.read_tokens) for train, val and, when
     test_ratio > 0, test, then meta.json, into `out_dir`; return the meta."""
     corpus, out_dir = Path(corpus), Path(out_dir)
     scan = scan_corpus(corpus)
@@ -251,23 +249,3 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
     }
     write_json(out_dir / "meta.json", meta)
     return meta
-
-
-def read_meta(out_dir: str | Path) -> dict[str, Any]:
-    """The meta.json tokenize_corpus wrote into `out_dir`."""
-    path = Path(out_dir) / "meta.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)") from None
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path} is not valid JSON ({e}): run the tokenize stage again") from e
-
-
-@cache
-def token_byte_lengths() -> np.ndarray:
-    """The UTF-8 bytes each GPT-2 token id stands for, indexed by id (<|endoftext|>: 13, the
-    length of the separator as it stands in the corpus)."""
-    encoding = gpt2_encoding()
-    return np.array([len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)],
-                    dtype=np.int64)

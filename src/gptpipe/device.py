@@ -32,9 +32,9 @@ def hold_freed_memory() -> bool:
     By default glibc gives every allocation over 32 MB its own mapping and unmaps it on free.
     A training step of the book's model allocates several 75-150 MB buffers (the logits, the
     embedding and output-head gradients, bf16 weight copies) and frees them again, so each step
-    gets fresh pages, which the kernel zero-fills on first touch: 12-16% of the book's fp32
-    step on the CPU (bench/bench_train.py, "book + held memory") and over a fifth of our bf16
-    step. The price is a few percent more peak memory: the heap grows over the first steps
+    gets fresh pages, which the kernel zero-fills on first touch: a sizeable share of a CPU step
+    (bench/bench_train.py measures the book's code with and without this setting, "book + held
+    memory"). The price is a few percent more peak memory: the heap grows over the first steps
     until its free blocks fit the buffers. Returns False, changing nothing, where the C
     library is not glibc.
     """

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from gptpipe.data import TokenWindows, collate_windows
 from gptpipe.errors import PipelineError
+from gptpipe.params import per_process_batch
 from gptpipe.train import StopRequested
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -101,16 +102,6 @@ def process_group(device: torch.device) -> Iterator[tuple[Processes, torch.devic
         dist.destroy_process_group()
 
 
-def per_process_batch(batch_size: int, world_size: int) -> int:
-    """train.batch_size is the global batch: each process takes an equal share of it."""
-    if batch_size % world_size:
-        raise PipelineError(
-            f"train.batch_size ({batch_size}) is the global batch, split evenly between the "
-            f"{world_size} processes (train.nproc, or torchrun's --nproc_per_node × --nnodes): make "
-            f"train.batch_size a multiple of {world_size}, or change the number of processes")
-    return batch_size // world_size
-
-
 def sharded_loader(tokens: np.ndarray, context_length: int, stride: int, batch_size: int,
                    processes: Processes, seed: int, pin_memory: bool = False) -> DataLoader:
     """This process's share of each global batch of `batch_size` windows.
@@ -127,16 +118,10 @@ def sharded_loader(tokens: np.ndarray, context_length: int, stride: int, batch_s
                       sampler=sampler, drop_last=True, collate_fn=collate_windows, pin_memory=pin_memory)
 
 
-def data_parallel(model: torch.nn.Module, device: torch.device
-                  ) -> tuple[DistributedDataParallel, Callable[[bool], contextlib.AbstractContextManager]]:
-    """`model` wrapped in DDP, and the train loop's sync_context: gradients are averaged across
-    processes on the last micro-batch of an accumulation group only (no_sync on the others)."""
-    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def sync_context(is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if is_last_micro_batch else wrapped.no_sync()
-
-    return wrapped, sync_context
+def data_parallel(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """`model` wrapped in DDP: gradients are averaged across processes in backward, except
+    under its no_sync() (the micro-batches before the last of an accumulation group)."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def same_on_all(value: int, device: torch.device) -> bool:

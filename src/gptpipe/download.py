@@ -137,13 +137,17 @@ def download(url: str | Sequence[str | Mapping[str, Any] | Source], dest: str | 
                 corpus.write(SEPARATOR)
             fetch(file, corpus, max_bytes, timeout)
         actual = corpus.digest.hexdigest()
-        if sha256 and actual != sha256:
-            what = files[0].url if len(files) == 1 else f"the corpus joined from {len(files)} files"
-            raise PipelineError(
-                f"checksum mismatch for {what}: expected data.sha256={sha256}, got {actual}. The file "
-                f"is corrupt or a different version; fix data.url, or set data.sha256 to the new "
-                f"hash (or null) if the change is intended")
+        what = files[0].url if len(files) == 1 else f"the corpus joined from {len(files)} files"
+        require_checksum(what, f"data.sha256={sha256}", sha256, actual,
+                         "fix data.url, or set data.sha256 to the new hash (or null) if the change is intended")
     return actual
+
+
+def require_checksum(what: str, where: str, expected: str | None, actual: str, fix: str) -> None:
+    """Refuse a file whose SHA-256 is not the one the params give for it (`expected`; None: unchecked)."""
+    if expected and actual != expected:
+        raise PipelineError(f"checksum mismatch for {what}: expected {where}, got {actual}. The file is "
+                            f"corrupt or a different version; {fix}")
 
 
 class CorpusWriter:
@@ -166,11 +170,8 @@ def fetch(source: Source, corpus: CorpusWriter, max_bytes: int | None, timeout: 
         actual = copy_local(path, source.url, corpus, max_bytes)
     else:
         actual = copy_remote(source.url, corpus, max_bytes, timeout)
-    if source.sha256 and actual != source.sha256:
-        raise PipelineError(
-            f"checksum mismatch for {source.url}: expected the sha256 {source.sha256} given for it in "
-            f"data.url, got {actual}. The file is corrupt or a different version; fix its url, or "
-            f"its sha256 if the change is intended")
+    require_checksum(source.url, f"the sha256 {source.sha256} given for it in data.url", source.sha256, actual,
+                     "fix its url, or its sha256 if the change is intended")
 
 
 def copy_local(source: Path, url: str, corpus: CorpusWriter, max_bytes: int | None) -> str:

@@ -10,8 +10,10 @@ the cache is rebuilt from the last context_length tokens at each step.
 
 import torch
 
-from gptpipe.model import GPTModel, KVCache
+from gptpipe.model import GPTModel, KVCache, eval_mode
+from gptpipe.params import SampleParams
 from gptpipe.precision import autocast
+from gptpipe.tokenizer import END_OF_TEXT, decode, encode_prompt, gpt2_encoding
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -71,17 +73,14 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
         if temperature != 0.0:
             raise ValueError(f"beam search is deterministic: use temperature 0 with num_beams {num_beams}")
         return beam_search(model, idx, max_new_tokens, num_beams, length_penalty, eos_id, use_cache, autocast_dtype)
-    was_training = model.training
-    model.eval()
     cache = KVCache(model.cfg.n_layers) if use_cache else None
-    with autocast(idx.device, autocast_dtype):
+    with eval_mode(model), autocast(idx.device, autocast_dtype):
         for _ in range(max_new_tokens):
             logits = next_logits(model, idx, cache)
             token = next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, token], dim=1)
             if eos_id is not None and bool((token == eos_id).all()):
                 break
-    model.train(was_training)
     return idx
 
 
@@ -104,8 +103,6 @@ def beam_search(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, num_bea
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     if max_new_tokens == 0:
         return idx
-    was_training = model.training
-    model.eval()
     cache = KVCache(model.cfg.n_layers) if use_cache else None
     beams = idx  # (live beams, seq)
     beam_scores = torch.zeros(1, device=idx.device)  # sum of log-probs of each live beam
@@ -118,7 +115,7 @@ def beam_search(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, num_bea
         if best is None or score > best[0]:
             best = (score, sequence)
 
-    with autocast(idx.device, autocast_dtype):
+    with eval_mode(model), autocast(idx.device, autocast_dtype):
         for _ in range(max_new_tokens):
             log_probs = torch.log_softmax(next_logits(model, beams, cache), dim=-1)
             candidates = beam_scores[:, None] + log_probs  # (live beams, vocab)
@@ -139,5 +136,20 @@ def beam_search(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, num_bea
         else:
             for score_sum, sequence in zip(beam_scores.tolist(), beams):
                 consider(score_sum, sequence)
-    model.train(was_training)
     return best[1][None, :]
+
+
+def sample_texts(model: GPTModel, opts: SampleParams, device: torch.device,
+                 autocast_dtype: torch.dtype | None = None) -> list[str]:
+    """What the sample stage writes: opts.num_samples continuations of opts.prompt (the prompt
+    included), sample i drawn with seed opts.seed + i, each ending before <|endoftext|>."""
+    prompt = torch.tensor([encode_prompt(opts.prompt)], device=device)
+    texts = []
+    for i in range(opts.num_samples):
+        ids = generate(model, prompt, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
+                       top_p=opts.top_p, eos_id=gpt2_encoding().eot_token,
+                       generator=torch.Generator(device=device).manual_seed(opts.seed + i),
+                       num_beams=opts.num_beams, length_penalty=opts.length_penalty,
+                       autocast_dtype=autocast_dtype)
+        texts.append(decode(ids[0].tolist()).removesuffix(END_OF_TEXT))
+    return texts

@@ -4,37 +4,15 @@ Modules are created in the same order as in the book's code, so that with the sa
 the parameters are initialised to the same values (nn.Linear and nn.Embedding defaults).
 """
 
+import contextlib
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptpipe.errors import PipelineError
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 50257
-    context_length: int = 256
-    emb_dim: int = 768
-    n_heads: int = 12
-    n_layers: int = 12
-    drop_rate: float = 0.1
-    qkv_bias: bool = False
-    # GPT-2 ties the output head to the token embedding; the book keeps them separate.
-    tie_embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if getattr(self, key) < 1:
-                raise PipelineError(f"params: model.{key} must be at least 1, got {getattr(self, key)}")
-        if self.emb_dim % self.n_heads:
-            raise PipelineError(f"params: model.n_heads ({self.n_heads}) must divide model.emb_dim "
-                                f"({self.emb_dim}); e.g. emb_dim 768 with n_heads 12")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise PipelineError(f"params: model.drop_rate must be in [0, 1), got {self.drop_rate}")
+from gptpipe.params import GPTConfig
 
 
 def cheap_keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -229,6 +207,17 @@ class GPTModel(nn.Module):
             for block, layer_cache in zip(self.trf_blocks, cache.layers):
                 x = block(x, layer_cache)
         return self.out_head(self.final_norm(x))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) inside the block, back in the mode it was in after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def from_book_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

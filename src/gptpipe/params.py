@@ -2,7 +2,8 @@
 
 Every key must be present (DVC tracks exactly what the file says, so a silent default
 would be an untracked input). Values are checked here, with messages that name the key
-and say what would be valid.
+and say what would be valid. This module imports neither torch nor tiktoken, so stages
+that do not train (download, tokenize) start fast.
 """
 
 import dataclasses
@@ -16,9 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from gptpipe.download import parse_sources
+from gptpipe.download import is_sha256, parse_sources
 from gptpipe.errors import PipelineError
-from gptpipe.model import GPTConfig
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -26,6 +26,37 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise PipelineError(f"params: {key} {message}")
+
+
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """train.batch_size is the global batch: each of `processes` takes an equal share of it."""
+    if batch_size % processes:
+        raise PipelineError(
+            f"params: train.batch_size ({batch_size}) is the global batch, split evenly between "
+            f"{processes} processes (train.nproc, or torchrun's --nproc_per_node × --nnodes): make "
+            f"train.batch_size a multiple of {processes}, or change the number of processes")
+    return batch_size // processes
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The architecture of the GPT (gptpipe.model); the defaults are the book's 124M model."""
+    vocab_size: int = 50257
+    context_length: int = 256
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    # GPT-2 ties the output head to the token embedding; the book keeps them separate.
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            require(getattr(self, key) >= 1, f"model.{key}", f"must be at least 1, got {getattr(self, key)}")
+        require(self.emb_dim % self.n_heads == 0, f"model.n_heads ({self.n_heads})",
+                f"must divide model.emb_dim ({self.emb_dim}); e.g. emb_dim 768 with n_heads 12")
+        require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
 
 
 @dataclass(frozen=True)
@@ -42,7 +73,7 @@ class DataParams:
             parse_sources(self.url)
         except PipelineError as e:
             raise PipelineError(f"params: {e}") from None
-        require(self.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", self.sha256) is not None,
+        require(self.sha256 is None or is_sha256(self.sha256),
                 "data.sha256", f"must be 64 lowercase hex digits or null, got {self.sha256!r}")
         require(self.max_bytes is None or self.max_bytes >= 1, "data.max_bytes",
                 f"must be null (no limit) or at least 1, got {self.max_bytes}")
@@ -65,7 +96,8 @@ class ModelParams(GPTConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(bool(self.init_from.strip()), "model.init_from",
-                "is empty: use scratch, a Hugging Face GPT-2 directory or a model.pth of the book's code")
+                "is empty: use scratch, a model.safetensors of this pipeline, a Hugging Face GPT-2 "
+                "directory or a model.pth of the book's code")
 
     @property
     def config(self) -> GPTConfig:
@@ -114,9 +146,7 @@ class TrainParams:
         for key in ("max_steps", "checkpoint_every"):
             value = getattr(self, key)
             require(value is None or value >= 1, f"train.{key}", f"must be null or at least 1, got {value}")
-        require(self.batch_size % self.nproc == 0, "train.batch_size",
-                f"({self.batch_size}) is the global batch, split evenly between train.nproc "
-                f"({self.nproc}) processes: make it a multiple of train.nproc")
+        per_process_batch(self.batch_size, self.nproc)
 
 
 @dataclass(frozen=True)

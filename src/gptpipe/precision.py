@@ -42,8 +42,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def decoding_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for generating text. Decoding one token at a time is bound by
     reading the weights, not by arithmetic: on CPU, bf16 autocast (which reads the fp32
-    weights to cast them) measured 0.92x and 1.13x fp32 in two runs (bench/bench_generate.py)
-    and changes the tokens, so `auto` keeps fp32 there."""
+    weights to cast them) is not reliably faster than fp32 (bench/bench_generate.py compares
+    them) and changes the tokens, so `auto` keeps fp32 there."""
     if precision == "auto" and device.type == "cpu":
         return None
     return resolve_precision(precision, device)

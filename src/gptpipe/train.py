@@ -20,20 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gptpipe.errors import PipelineError
-from gptpipe.metrics import batch_loss, loader_loss
+from gptpipe.metrics import batch_loss, evaluate_loader
 from gptpipe.precision import autocast
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- speed: precision, optimizer
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                   fused: bool) -> torch.optim.AdamW:
-    """AdamW over all parameters, as the book does. The fused kernel (one pass over each
-    tensor) is faster but rounds differently from the default one."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                             fused=fused or None)
 
 
 # ---------------------------------------------------------------- learning-rate schedule
@@ -133,97 +123,131 @@ class LoopSettings:
     checkpoint_every: int | None = None
 
 
-def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader: DataLoader,
-          val_loader: DataLoader, device: torch.device, settings: LoopSettings,
-          schedule: LRSchedule, amp_dtype: torch.dtype | None = None,
-          state: TrainState | None = None,
-          save_state: Callable[[TrainState], None] | None = None,
-          on_epoch_end: Callable[[int], None] | None = None,
-          stop: StopRequested | None = None,
-          eval_model: torch.nn.Module | None = None,
-          sync_context: Callable[[bool], contextlib.AbstractContextManager] | None = None,
-          eval_train_loader: DataLoader | None = None,
-          main_process: bool = True,
-          world_size: int = 1) -> TrainState:
+@dataclass(frozen=True)
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    # the train batches of the logged train loss; None: `train`'s, as the book does
+    eval_train: DataLoader | None = None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the loop calls out to; each is optional."""
+    save_state: Callable[[TrainState], None] | None = None  # every checkpoint_every steps, and on a stop
+    on_epoch_end: Callable[[int], None] | None = None  # with the 1-based epoch just finished
+    on_evaluation: Callable[[TrainState], None] | None = None  # after each logged evaluation
+    stop: StopRequested | None = None  # checked after every optimizer step
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's part when several train together (gptpipe.distributed); the defaults are
+    one process. Each process trains on its own share of every batch: tokens_seen counts all
+    `world_size` shares, and only the main process evaluates, shows progress and calls hooks."""
+    world_size: int = 1
+    is_main: bool = True
+    # DDP's no_sync: gradients are averaged across processes on an accumulation group's last
+    # micro-batch only
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def micro_step(forward: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+               device: torch.device, amp_dtype: torch.dtype | None, group_size: int = 1) -> torch.Tensor:
+    """Forward and backward of one of `group_size` micro-batches that make an optimizer step
+    (their gradients add up to the mean's); returns its loss."""
+    with autocast(device, amp_dtype):
+        loss = batch_loss(forward, inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+    (loss / group_size).backward()
+    return loss
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
+                   grad_clip: float | None, want_norm: bool) -> float:
+    """Set the lr, clip, step and clear the gradients; the global gradient norm before clipping
+    (NaN when neither clipping nor `want_norm` asked for it)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    grad_norm = math.nan
+    if grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    elif want_norm:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loaders: Loaders,
+          settings: LoopSettings, schedule: LRSchedule, *, device: torch.device,
+          amp_dtype: torch.dtype | None = None, state: TrainState | None = None,
+          hooks: Hooks = Hooks(), parallel: Parallel = Parallel(),
+          forward: torch.nn.Module | None = None) -> TrainState:
     """Train until `settings.epochs` epochs (or `max_steps` steps) are done, from `state` if given.
 
-    Every `eval_freq` steps, log the mean loss of `eval_iter` batches of each split.
-    `save_state(state)` runs every `checkpoint_every` steps and when a stop is requested.
-    `eval_model` is the module to evaluate (the unwrapped one under DDP or torch.compile);
-    `sync_context(is_last_micro_batch)` lets DDP skip gradient sync on earlier micro-batches.
-    `eval_train_loader` gives the train batches of the logged train loss (default: `train_loader`,
-    as the book). Under DDP each of the `world_size` processes trains on its own share of every
-    batch: tokens_seen counts them all, and only the `main_process` evaluates and shows progress.
+    Every `eval_freq` steps, log the mean loss of `eval_iter` batches of each split. `forward`
+    is the module that takes the training steps when it is not `model` itself (`model` wrapped
+    by DDP or torch.compile); `model` is what is evaluated and clipped.
     """
     state = state or TrainState()
-    eval_model = eval_model or model
-    eval_train_loader = eval_train_loader or train_loader
+    forward = forward or model
+    eval_train_loader = loaders.eval_train or loaders.train
     accum = settings.grad_accum_steps
     start = time.perf_counter() - state.seconds
     while state.epoch <= settings.epochs and not done(state, settings):
-        model.train()
-        batches = epoch_batches(train_loader, state)
-        n_batches = len(train_loader)
+        forward.train()
+        batches = epoch_batches(loaders.train, state)
+        n_batches = len(loaders.train)
         progress = tqdm(total=n_batches, initial=state.batches_done, leave=False,
-                        desc=f"epoch {state.epoch}/{settings.epochs}", disable=not main_process)
+                        desc=f"epoch {state.epoch}/{settings.epochs}", disable=not parallel.is_main)
         for inputs, targets in batches:
             index = state.batches_done
             group_start = index - index % accum
             group_size = min(accum, n_batches - group_start)  # the last group may be short
             last_in_group = index == group_start + group_size - 1
-            with sync_context(last_in_group) if sync_context else contextlib.nullcontext():
-                with autocast(device, amp_dtype):
-                    loss = batch_loss(model, inputs.to(device, non_blocking=True),
-                                      targets.to(device, non_blocking=True))
-                (loss / group_size).backward()
+            with contextlib.nullcontext() if last_in_group else parallel.no_sync():
+                loss = micro_step(forward, inputs, targets, device, amp_dtype, group_size)
             if not torch.isfinite(loss):
                 raise PipelineError(
                     f"the training loss became {loss.item()} at step {state.step} (epoch {state.epoch}); "
                     f"the weights are not saved from this point. Lower train.lr, set train.grad_clip, "
                     f"or use train.precision: fp32; a resume starts from the last good checkpoint")
             state.batches_done += 1
-            state.tokens_seen += inputs.numel() * world_size
+            state.tokens_seen += inputs.numel() * parallel.world_size
             progress.update(1)
             if not last_in_group:
                 continue
 
             lr = schedule.lr_at(state.step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            evaluating = main_process and state.step % settings.eval_freq == 0
-            grad_norm = math.nan
-            if settings.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip).item()
-            elif evaluating:
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            evaluating = parallel.is_main and state.step % settings.eval_freq == 0
+            grad_norm = optimizer_step(model, optimizer, lr, settings.grad_clip, want_norm=evaluating)
             step = state.step
             state.step += 1
 
             if evaluating:
                 with autocast(device, amp_dtype):
-                    train_loss = loader_loss(eval_model, eval_train_loader, device, settings.eval_iter).loss
-                    val_loss = loader_loss(eval_model, val_loader, device, settings.eval_iter).loss
-                record = LogRecord(step, state.epoch, state.tokens_seen, train_loss, val_loss, lr,
-                                   grad_norm)
-                state.records.append(record)
+                    train_loss = evaluate_loader(model, eval_train_loader, device, settings.eval_iter).loss
+                    val_loss = evaluate_loader(model, loaders.val, device, settings.eval_iter).loss
+                state.records.append(LogRecord(step, state.epoch, state.tokens_seen, train_loss, val_loss, lr,
+                                               grad_norm))
                 log.info(f"epoch {state.epoch} step {step:06d}: train loss {train_loss:.3f}, "
                          f"val loss {val_loss:.3f}")
             state.seconds = time.perf_counter() - start
-            if save_state and settings.checkpoint_every and state.step % settings.checkpoint_every == 0:
-                save_state(state)
-            if stop is not None and stop.requested():
-                if save_state:
-                    save_state(state)
-                raise TrainingStopped(f"stopped by signal {stop.signal} after step {step}")
+            if evaluating and hooks.on_evaluation:
+                hooks.on_evaluation(state)
+            if parallel.is_main and hooks.save_state and settings.checkpoint_every \
+                    and state.step % settings.checkpoint_every == 0:
+                hooks.save_state(state)
+            if hooks.stop is not None and hooks.stop.requested():
+                if parallel.is_main and hooks.save_state:
+                    hooks.save_state(state)
+                raise TrainingStopped(f"stopped by signal {hooks.stop.signal} after step {step}")
             if done(state, settings):
                 break
         progress.close()
         if state.batches_done >= n_batches:
-            if on_epoch_end is not None:
-                on_epoch_end(state.epoch)
+            if parallel.is_main and hooks.on_epoch_end:
+                hooks.on_epoch_end(state.epoch)
             state.epoch += 1
             state.batches_done = 0
     state.seconds = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Model weights in and out.
 
-In: the initial weights of pretraining, `model.init_from`: `scratch`, a Hugging Face GPT-2
+In: the initial weights of pretraining, `model.init_from`: `scratch`, a model file of this
+pipeline (data/model/model.safetensors, e.g. an earlier experiment's), a Hugging Face GPT-2
 directory (config.json + model.safetensors, the layout of openai-community/gpt2), or a
 checkpoint written by the book's code (model.pth, a GPTModel state dict, or
 model_and_optimizer.pth). The architecture is read from the checkpoint and must equal the
@@ -15,10 +16,9 @@ transpose of an nn.Linear weight (y = x @ W + b), and one c_attn matrix holds th
 and value projections side by side.
 """
 
+import dataclasses
 import json
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gptpipe.checkpoint import read_model_file, torch_load
 from gptpipe.errors import PipelineError
 from gptpipe.files import atomic_path, write_json
-from gptpipe.model import GPTConfig, GPTModel, from_book_state_dict
+from gptpipe.model import GPTModel, from_book_state_dict
+from gptpipe.params import GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,9 @@ MODEL_PARAMS = [
 QKV = ("W_query", "W_key", "W_value")
 # Buffers some GPT-2 checkpoints carry (the causal mask), not weights.
 HF_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-ACCEPTED = ("scratch, a Hugging Face GPT-2 directory (config.json + model.safetensors) or a "
-            "checkpoint of the book's code (model.pth or model_and_optimizer.pth)")
+ACCEPTED = ("scratch, a model file of this pipeline (model.safetensors), a Hugging Face GPT-2 "
+            "directory (config.json + model.safetensors) or a checkpoint of the book's code "
+            "(model.pth or model_and_optimizer.pth)")
 
 
 def initial_model(cfg: GPTConfig, init_from: str) -> GPTModel:
@@ -98,6 +101,9 @@ def read_weights(path: Path, n_heads: int) -> tuple[dict[str, Any], dict[str, to
         if not (path / HF_CONFIG).is_file():
             raise PipelineError(f"model.init_from: directory {path} has no {HF_CONFIG}; expected {ACCEPTED}")
         return read_hf_gpt2(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        config, state, _ = read_model_file(path)
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "drop_rate"}, state
     if path.is_file():
         return read_book_checkpoint(path, n_heads)
     raise PipelineError(f"model.init_from: {path} does not exist; give {ACCEPTED}")
@@ -243,13 +249,7 @@ def export_hf_gpt2(model: GPTModel, directory: str | Path) -> None:
 def read_book_checkpoint(path: Path, n_heads: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """model.pth (torch.save(model.state_dict())) or model_and_optimizer.pth
     ({"model_state_dict", "optimizer_state_dict"}) of the book's GPTModel."""
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise PipelineError(f"model.init_from: {path} holds objects other than tensors and plain "
-                            f"values, refused for safety (weights_only=True): {e}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise PipelineError(f"model.init_from: {path} is not a readable PyTorch file: {e}") from e
+    loaded = torch_load(path, "model.init_from:", f"expected {ACCEPTED}")
     if isinstance(loaded, dict) and "model_state_dict" in loaded:
         loaded = loaded["model_state_dict"]
     if not isinstance(loaded, dict) or "tok_emb.weight" not in loaded:
