@@ -35,7 +35,8 @@ def child(kind: str, text_path: Path, tokens_path: Path, context_length: int, st
     import torch  # noqa: F401  (imported before measuring, by both)
     from llms_from_scratch.ch02 import GPTDatasetV1
 
-    from gptpipe.data import TokenWindows, read_tokens
+    from gptpipe.data import TokenWindows
+    from gptpipe.tokens import read_tokens
     text = text_path.read_text(encoding="utf-8")
     tokenizer = tiktoken.get_encoding("gpt2")
     before = rss_kb()

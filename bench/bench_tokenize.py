@@ -95,7 +95,8 @@ def child_tokenize(corpus: Path, out: Path, workers: int) -> dict:
 
 def child_loader(tokens_dir: Path, context_length: int, stride: int, batch_size: int) -> dict:
     import torch
-    from gptpipe.data import read_tokens, window_loader
+    from gptpipe.data import window_loader
+    from gptpipe.tokens import read_tokens
     torch.manual_seed(123)
     with PeakMemory() as memory:
         start = time.perf_counter()

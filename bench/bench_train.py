@@ -12,8 +12,10 @@ ratio to the book, and model FLOP utilisation against matmul peaks measured in t
 """
 
 import argparse
+import dataclasses
 import json
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import BOOK_CONFIG, ROOT, find_corpus, machine, matmul_peak, median, run_child, timed  # noqa: E402
 
 # name: (code, precision, torch.compile, hold freed memory). Ours holds freed memory as
-# stages/pretrain.py does; "book + held memory" is the book's code with that setting, to show
+# gptpipe.pretrain.run_pretraining does; "book + held memory" is the book's code with that setting, to show
 # how much of the gain the setting alone gives.
 VARIANTS = {
     "book (fp32)": ("book", "fp32", False, False),
@@ -73,29 +75,25 @@ def book_step_fn(state_dict):
     return step
 
 
-def our_step_fn(state_dict, precision: str, compile_model: bool):
-    """Our model, optimizer and step, set up the way stages/pretrain.py sets them up."""
+def our_step_fn(book_weights: Path, precision: str, compile_model: bool):
+    """Our model, optimizer and step, built by the library functions the pretrain stage uses,
+    starting from the book's weights (model.init_from takes the book's model.pth)."""
     import torch
 
-    from gptpipe.metrics import batch_loss
-    from gptpipe.model import GPTConfig, GPTModel, from_book_state_dict
-    from gptpipe.precision import autocast, cheap_dropout_masks, resolve_precision
-    from gptpipe.train import make_optimizer
+    from gptpipe.params import load_params
+    from gptpipe.pretrain import setup_model
+    from gptpipe.train import micro_step, optimizer_step
     cpu = torch.device("cpu")
-    amp_dtype = resolve_precision(precision, cpu)
-    model = GPTModel(GPTConfig(**BOOK_CONFIG))
-    model.load_state_dict(from_book_state_dict(state_dict))
-    model.use_cheap_dropout(cheap_dropout_masks(cpu, amp_dtype, compile_model))
-    model.train()
-    optimizer = make_optimizer(model, 4e-4, 0.1, fused=precision != "fp32")
+    params = load_params(ROOT / "params.yaml")
+    opts = dataclasses.replace(params.train, precision=precision, compile=compile_model, device="cpu")
+    model, optimizer, amp_dtype = setup_model(dataclasses.replace(params.model, init_from=str(book_weights)),
+                                              opts, cpu)
     forward = torch.compile(model) if compile_model else model
+    forward.train()
 
-    def step(x, y):  # the body of gptpipe.train.train, without logging
-        with autocast(cpu, amp_dtype):
-            loss = batch_loss(forward, x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(x, y):  # one step of gptpipe.train.train, without logging
+        micro_step(forward, x, y, cpu, amp_dtype)
+        optimizer_step(model, optimizer, opts.lr, opts.grad_clip, want_norm=False)
     return step
 
 
@@ -134,7 +132,12 @@ def child(variant: str, warmup: int, steps: int, with_profile: bool) -> None:
         hold_freed_memory()
     torch.manual_seed(123)
     weights = BookGPT(BOOK_CONFIG).state_dict()
-    step = book_step_fn(weights) if code == "book" else our_step_fn(weights, precision, compile_model)
+    if code == "book":
+        step = book_step_fn(weights)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(weights, Path(tmp) / "model.pth")
+            step = our_step_fn(Path(tmp) / "model.pth", precision, compile_model)
     data = batches(warmup + steps, 2, BOOK_CONFIG["context_length"])
     for x, y in data[:warmup]:
         step(x, y)

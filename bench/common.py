@@ -1,5 +1,6 @@
 """Shared by the benchmarks: the book's default config, its corpus, a matmul peak."""
 
+import dataclasses
 import json
 import os
 import statistics
@@ -12,9 +13,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+from gptpipe.params import GPTConfig
+
 ROOT = Path(__file__).resolve().parents[1]
-BOOK_CONFIG = {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads": 12,
-               "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
+# The defaults of GPTConfig are the book's model; the book's code reads the keys it knows.
+BOOK_CONFIG = dataclasses.asdict(GPTConfig())
 
 
 def find_corpus() -> Path:

@@ -1,0 +1,170 @@
+"""What the user waits for: each stage as a whole process, its fixed cost, and what one
+experiment adds to the DVC cache.
+
+The stages run as dvc.yaml's own commands, in a copy of the project: the working tree, and
+with --baseline REV also a git revision of this project, side by side in the same run, taking
+turns `--repeats` times (medians reported). The book's config on the-verdict, with
+train.epochs (default 1) and train.precision (default auto) as given:
+
+- download of a local file, tokenize: the whole process;
+- pretrain: its wall time, the training loop's own time (metrics/train.json's wall_seconds)
+  and the fixed cost, their difference (imports, setup, writing the outputs);
+- sample with sample.max_new_tokens 0 (its fixed cost: start, load the model and the
+  tokenizer, write) and with 200 greedy tokens;
+- evaluate and export;
+- with --cache: what one `dvc exp run -S train.lr=5e-4` (train.max_steps 1) adds to .dvc/cache.
+
+    python bench/bench_stages.py --baseline 5c5db96 --cache
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ROOT, find_corpus, machine, median  # noqa: E402
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
+                "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
+# the stages' `python` is this interpreter
+ENV = {**os.environ, **GIT_IDENTITY, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def copy_project(rev: str | None, dest: Path) -> Path:
+    """The project at git revision `rev`, or the working tree (uncommitted changes included)."""
+    dest.mkdir(parents=True)
+    if rev is None:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                               capture_output=True).stdout.decode().split("\0")
+        for name in filter(None, files):
+            if (ROOT / name).is_file():
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                (dest / name).write_bytes((ROOT / name).read_bytes())
+    else:
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+        with tempfile.TemporaryFile() as f:
+            f.write(archive)
+            f.seek(0)
+            tarfile.open(fileobj=f).extractall(dest, filter="data")
+    return dest
+
+
+def set_params(project: Path, overrides: dict) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for group, values in overrides.items():
+        params[group].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_stage(project: Path, stage: str) -> float:
+    """Run dvc.yaml's command of `stage` in `project`; its wall time in seconds."""
+    command = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    start = time.perf_counter()
+    result = subprocess.run(command, shell=True, cwd=project, env=ENV, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{stage} failed in {project}:\n{result.stderr[-3000:]}")
+    return seconds
+
+
+def measure(project: Path) -> dict[str, float]:
+    times = {stage: run_stage(project, stage) for stage in ("download", "tokenize", "pretrain")}
+    times["pretrain loop"] = json.loads((project / "metrics/train.json").read_text())["wall_seconds"]
+    times["pretrain fixed cost"] = times["pretrain"] - times["pretrain loop"]
+    times["evaluate"] = run_stage(project, "evaluate")
+    set_params(project, {"sample": {"max_new_tokens": 0}})
+    times["sample, 0 tokens (fixed cost)"] = run_stage(project, "sample")
+    set_params(project, {"sample": {"max_new_tokens": 200}})
+    times["sample, 200 tokens"] = run_stage(project, "sample")
+    times["export"] = run_stage(project, "export")
+    return times
+
+
+def cache_growth(project: Path) -> dict[str, int]:
+    """Bytes that one `dvc exp run` adds to .dvc/cache, and the model output's own size."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=project, env=ENV, check=True, capture_output=True)
+
+    def dvc(*args: str) -> None:
+        result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=ENV, capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"dvc {' '.join(args)} failed in {project}:\n{result.stderr[-3000:]}")
+
+    def cache_bytes() -> int:
+        return sum(p.stat().st_size for p in (project / ".dvc/cache").rglob("*") if p.is_file())
+
+    set_params(project, {"train": {"max_steps": 1}})
+    git("init", "-q", "-b", "main")
+    git("add", "-A")
+    git("commit", "-qm", "bench")
+    dvc("repro")
+    before = cache_bytes()
+    dvc("exp", "run", "-S", "train.lr=5e-4")
+    outputs = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["pretrain"]["outs"]
+    model = next(project / out for out in outputs if out.startswith("data/model"))
+    return {"added_bytes": cache_bytes() - before, "model_output_bytes": model.stat().st_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", help="a git revision to measure side by side with the working tree")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--cache", action="store_true", help="also measure one dvc exp run's cache growth")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/stages.json"))
+    args = parser.parse_args()
+
+    revs = {"working tree": None, **({f"baseline {args.baseline}": args.baseline} if args.baseline else {})}
+    overrides = {"data": {"url": str(find_corpus())},
+                 "train": {"epochs": args.epochs, "precision": args.precision},
+                 "sample": {"temperature": 0.0}}
+    times: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in revs}
+    cache = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        projects = {}
+        for i, (name, rev) in enumerate(revs.items()):
+            projects[name] = copy_project(rev, Path(tmp) / f"project{i}")
+            set_params(projects[name], overrides)
+        for repeat in range(args.repeats):
+            for name, project in projects.items():
+                for key, seconds in measure(project).items():
+                    times[name][key].append(seconds)
+                print(f"repeat {repeat + 1}/{args.repeats} {name}: " + ", ".join(
+                    f"{key} {values[-1]:.1f} s" for key, values in times[name].items()), flush=True)
+        if args.cache:
+            for i, (name, rev) in enumerate(revs.items()):
+                project = copy_project(rev, Path(tmp) / f"cache{i}")
+                set_params(project, overrides)
+                cache[name] = cache_growth(project)
+
+    print(f"\n{machine()}; {args.epochs} epoch(s), train.precision {args.precision}, medians of {args.repeats}")
+    names = list(revs)
+    print(f"{'seconds':<32}" + "".join(f"{name:>24}" for name in names))
+    for key in times[names[0]]:
+        print(f"{key:<32}" + "".join(f"{median(times[name][key]):>24.2f}" for name in names))
+    for name, growth in cache.items():
+        print(f"{name}: one dvc exp run added {growth['added_bytes'] / 1e6:,.0f} MB to .dvc/cache "
+              f"(model output {growth['model_output_bytes'] / 1e6:,.0f} MB)")
+    results = {"machine": machine(), "epochs": args.epochs, "precision": args.precision,
+               "seconds": {name: {key: {"median": round(median(v), 2), "runs": [round(x, 2) for x in v]}
+                                  for key, v in times[name].items()} for name in names},
+               "cache": cache}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
