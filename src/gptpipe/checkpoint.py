@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from gptpipe.errors import PipelineError
 from gptpipe.files import atomic_path
-from gptpipe.model import GPTModel
+from gptpipe.model import GPTModel, uninitialized_weights
 from gptpipe.params import GPTConfig
 
 HEADER_KEY = "gptpipe"  # the header entry that marks a model file of this pipeline
@@ -38,8 +38,10 @@ def save_model(path: str | Path, model: GPTModel, **progress: int) -> None:
         del state["out_head.weight"]  # the same tensor as tok_emb.weight
     header = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(model.cfg), "progress": progress}
     with atomic_path(path) as tmp:
+        # One metadata entry: safetensors writes several in a random order, and the same run
+        # must give the same bytes.
         save_file({key: value.detach().contiguous() for key, value in state.items()}, tmp,
-                  metadata={"format": "pt", HEADER_KEY: json.dumps(header)})
+                  metadata={HEADER_KEY: json.dumps(header)})
 
 
 def read_model_file(path: str | Path, device: str | torch.device = "cpu"
@@ -74,7 +76,7 @@ def read_model_file(path: str | Path, device: str | torch.device = "cpu"
 def load_model(path: str | Path, device: torch.device) -> tuple[GPTModel, dict[str, Any]]:
     """The model of a model file, on `device`, in eval mode; and its progress counters."""
     config, state, progress = read_model_file(path, device)
-    with torch.device("meta"):  # no time spent initialising weights that are overwritten
+    with uninitialized_weights():
         model = GPTModel(config)
     try:
         model.load_state_dict(state, assign=True)

