@@ -1,17 +1,19 @@
-"""What the user waits for: each stage as a whole process, its fixed cost, and what one
-experiment adds to the DVC cache.
+"""What the user waits for: the pipeline's commands against the book's code as a process,
+each stage's fixed cost, and what one experiment adds to the DVC cache.
 
-The stages run as dvc.yaml's own commands, in a copy of the project: the working tree, and
-with --baseline REV also a git revision of this project, side by side in the same run, taking
-turns `--repeats` times (medians reported). The book's config on the-verdict, with
-train.epochs (default 1) and train.precision (default auto) as given:
+The pipeline runs in a git copy of the project: the working tree, and with --baseline REV
+also a git revision of this project. The book's code runs as bench/book_process.py. All side
+by side in the same run, taking turns `--repeats` times (medians reported), on the book's
+config and the-verdict, with train.epochs (default 1) and train.precision (default auto):
 
-- download of a local file, tokenize: the whole process;
-- pretrain: its wall time, the training loop's own time (metrics/train.json's wall_seconds)
-  and the fixed cost, their difference (imports, setup, writing the outputs);
-- sample with sample.max_new_tokens 0 (its fixed cost: start, load the model and the
-  tokenizer, write) and with 200 greedy tokens;
-- evaluate and export;
+- `dvc repro -f -s pretrain` against the book's training loop for the same epochs with its
+  evaluations and epoch samples, as a process that saves model.pth;
+- `dvc repro -f -s sample` (200 greedy tokens) against the book's `generate` in a process
+  that loads model.pth;
+- each stage's own command (dvc.yaml's cmd, without DVC): download of a local file, tokenize,
+  pretrain with its training loop's time (metrics/train.json's wall_seconds) and the fixed
+  cost, their difference (imports, setup, writing the outputs), evaluate, sample with 0 new
+  tokens (its fixed cost) and with 200, export;
 - with --cache: what one `dvc exp run -S train.lr=5e-4` (train.max_steps 1) adds to .dvc/cache.
 
     python bench/bench_stages.py --baseline 5c5db96 --cache
@@ -77,40 +79,61 @@ def run_stage(project: Path, stage: str) -> float:
     return seconds
 
 
-def measure(project: Path) -> dict[str, float]:
-    times = {stage: run_stage(project, stage) for stage in ("download", "tokenize", "pretrain")}
+def dvc(project: Path, *args: str) -> float:
+    """Run the dvc CLI in `project`; its wall time in seconds."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=ENV, capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed in {project}:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def git_repo(project: Path) -> None:
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "bench"]):
+        subprocess.run(["git", *args], cwd=project, env=ENV, check=True, capture_output=True)
+
+
+def measure_pipeline(project: Path) -> dict[str, float]:
+    times = {"dvc repro -f -s pretrain": dvc(project, "repro", "-f", "-s", "pretrain"),
+             "dvc repro -f -s sample (200 tokens)": dvc(project, "repro", "-f", "-s", "sample")}
+    times |= {f"{stage} (command)": run_stage(project, stage) for stage in ("download", "tokenize", "pretrain")}
     times["pretrain loop"] = json.loads((project / "metrics/train.json").read_text())["wall_seconds"]
-    times["pretrain fixed cost"] = times["pretrain"] - times["pretrain loop"]
-    times["evaluate"] = run_stage(project, "evaluate")
+    times["pretrain fixed cost"] = times["pretrain (command)"] - times["pretrain loop"]
+    times["evaluate (command)"] = run_stage(project, "evaluate")
     set_params(project, {"sample": {"max_new_tokens": 0}})
-    times["sample, 0 tokens (fixed cost)"] = run_stage(project, "sample")
+    times["sample, 0 tokens: fixed cost (command)"] = run_stage(project, "sample")
     set_params(project, {"sample": {"max_new_tokens": 200}})
-    times["sample, 200 tokens"] = run_stage(project, "sample")
-    times["export"] = run_stage(project, "export")
+    times["sample, 200 tokens (command)"] = run_stage(project, "sample")
+    times["export (command)"] = run_stage(project, "export")
+    return times
+
+
+def measure_book(work: Path, corpus: Path, epochs: int) -> dict[str, float]:
+    script = str(Path(__file__).with_name("book_process.py"))
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, script, "pretrain", str(corpus), str(work), "--epochs", str(epochs)],
+                            env=ENV, capture_output=True, text=True, check=True)
+    times = {"dvc repro -f -s pretrain": time.perf_counter() - start,
+             "pretrain loop": json.loads(result.stdout.strip().splitlines()[-1])["loop_seconds"]}
+    times["pretrain fixed cost"] = times["dvc repro -f -s pretrain"] - times["pretrain loop"]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, script, "sample", str(work), "--new-tokens", "200"], env=ENV,
+                   capture_output=True, check=True)
+    times["dvc repro -f -s sample (200 tokens)"] = time.perf_counter() - start
     return times
 
 
 def cache_growth(project: Path) -> dict[str, int]:
     """Bytes that one `dvc exp run` adds to .dvc/cache, and the model output's own size."""
-    def git(*args: str) -> None:
-        subprocess.run(["git", *args], cwd=project, env=ENV, check=True, capture_output=True)
-
-    def dvc(*args: str) -> None:
-        result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=ENV, capture_output=True,
-                                text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"dvc {' '.join(args)} failed in {project}:\n{result.stderr[-3000:]}")
-
     def cache_bytes() -> int:
         return sum(p.stat().st_size for p in (project / ".dvc/cache").rglob("*") if p.is_file())
 
     set_params(project, {"train": {"max_steps": 1}})
-    git("init", "-q", "-b", "main")
-    git("add", "-A")
-    git("commit", "-qm", "bench")
-    dvc("repro")
+    git_repo(project)
+    dvc(project, "repro")
     before = cache_bytes()
-    dvc("exp", "run", "-S", "train.lr=5e-4")
+    dvc(project, "exp", "run", "-S", "train.lr=5e-4")
     outputs = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["pretrain"]["outs"]
     model = next(project / out for out in outputs if out.startswith("data/model"))
     return {"added_bytes": cache_bytes() - before, "model_output_bytes": model.stat().st_size}
@@ -129,17 +152,22 @@ def main() -> None:
     revs = {"working tree": None, **({f"baseline {args.baseline}": args.baseline} if args.baseline else {})}
     overrides = {"data": {"url": str(find_corpus())},
                  "train": {"epochs": args.epochs, "precision": args.precision},
-                 "sample": {"temperature": 0.0}}
-    times: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in revs}
+                 "sample": {"temperature": 0.0, "max_new_tokens": 200}}
+    names = ["the book's code", *revs]
+    times: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in names}
     cache = {}
     with tempfile.TemporaryDirectory() as tmp:
         projects = {}
         for i, (name, rev) in enumerate(revs.items()):
             projects[name] = copy_project(rev, Path(tmp) / f"project{i}")
             set_params(projects[name], overrides)
+            git_repo(projects[name])
+            dvc(projects[name], "repro")  # every stage once, so the timed ones find their inputs
         for repeat in range(args.repeats):
-            for name, project in projects.items():
-                for key, seconds in measure(project).items():
+            for name in names:
+                measured = (measure_book(Path(tmp) / "book", find_corpus(), args.epochs) if name == names[0]
+                            else measure_pipeline(projects[name]))
+                for key, seconds in measured.items():
                     times[name][key].append(seconds)
                 print(f"repeat {repeat + 1}/{args.repeats} {name}: " + ", ".join(
                     f"{key} {values[-1]:.1f} s" for key, values in times[name].items()), flush=True)
@@ -150,10 +178,14 @@ def main() -> None:
                 cache[name] = cache_growth(project)
 
     print(f"\n{machine()}; {args.epochs} epoch(s), train.precision {args.precision}, medians of {args.repeats}")
-    names = list(revs)
-    print(f"{'seconds':<32}" + "".join(f"{name:>24}" for name in names))
-    for key in times[names[0]]:
-        print(f"{key:<32}" + "".join(f"{median(times[name][key]):>24.2f}" for name in names))
+    print("(the book's rows under the dvc commands are its process for the same work)")
+    print(f"{'seconds':<40}" + "".join(f"{name:>22}" for name in names))
+    for key in times[names[1]]:
+        cells = [f"{median(times[name][key]):>22.2f}" if key in times[name] else f"{'':>22}" for name in names]
+        print(f"{key:<40}" + "".join(cells))
+    for key in ("dvc repro -f -s pretrain", "dvc repro -f -s sample (200 tokens)"):
+        book = median(times[names[0]][key])
+        print(f"{key}: " + ", ".join(f"{name} {book / median(times[name][key]):.2f}x the book" for name in revs))
     for name, growth in cache.items():
         print(f"{name}: one dvc exp run added {growth['added_bytes'] / 1e6:,.0f} MB to .dvc/cache "
               f"(model output {growth['model_output_bytes'] / 1e6:,.0f} MB)")

@@ -82,7 +82,7 @@ def test_cached_forward_equals_the_full_forward(model):
     model.eval()
     idx = torch.randint(0, CFG.vocab_size, (2, CFG.context_length))
     full = model(idx)
-    cache = KVCache(CFG.n_layers)
+    cache = KVCache(CFG, 2)
     chunks = [model(idx[:, a:b], cache) for a, b in [(0, 3), (3, 4), (4, 7), (7, 8)]]
     assert len(cache) == CFG.context_length
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
@@ -111,9 +111,9 @@ def test_kv_cache_sampling_equals_no_cache_sampling(model):
 def test_bf16_autocast_logits_are_close_to_fp32(model):
     model.eval()
     idx = torch.tensor([[1, 2, 3, 4]])
-    fp32 = next_logits(model, idx, KVCache(CFG.n_layers))
+    fp32 = next_logits(model, idx, KVCache(CFG, 1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = next_logits(model, idx, KVCache(CFG.n_layers))
+        bf16 = next_logits(model, idx, KVCache(CFG, 1, torch.bfloat16))
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
     out = generate(model, idx, 12, autocast_dtype=torch.bfloat16)
@@ -217,3 +217,27 @@ def test_sample_stage_beam_search(tmp_path):
 def test_sample_params_are_validated(tmp_path, sample, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
         load_params(write_params(tmp_path / "params.yaml", {"sample": sample}))
+
+
+def test_a_batch_of_seeded_samples_equals_the_samples_drawn_one_by_one(model):
+    """sample.num_samples decodes as one batch; row i still draws what seed i draws alone."""
+    prompt = torch.tensor([[1, 2, 3]])
+    seeds = [11, 12, 13, 14]
+    options = dict(temperature=1.3, top_k=20, top_p=0.95)
+    alone = [generate(model, prompt, 2 * CFG.context_length, generator=torch.Generator().manual_seed(s), **options)
+             for s in seeds]
+    batch = generate(model, prompt.repeat(len(seeds), 1), 2 * CFG.context_length,
+                     generator=[torch.Generator().manual_seed(s) for s in seeds], **options)
+    assert torch.equal(batch, torch.cat(alone))
+    assert len({tuple(row.tolist()) for row in batch}) == len(seeds)
+
+
+def test_a_finished_row_repeats_end_of_text_until_every_row_has_finished(model):
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    greedy = generate(model, prompt, 6)
+    eos = greedy[0, 3].item()  # the first row's first new token ends it at once
+    out = generate(model, prompt, 6, eos_id=eos)
+    assert out[0, 3:].tolist() == [eos] * (out.shape[1] - 3)
+    second = greedy[1, 3:].tolist()
+    expected = second[:second.index(eos) + 1] if eos in second else second
+    assert out[1, 3:3 + len(expected)].tolist() == expected

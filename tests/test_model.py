@@ -95,7 +95,7 @@ def test_use_cheap_dropout_switches_every_dropout_and_only_in_training():
     cheap = model(idx)
     torch.manual_seed(1)
     assert not torch.equal(cheap, plain(idx))
-    cache = KVCache(SMALL.n_layers)  # cached positions in training: torch's dropout, no error
+    cache = KVCache(SMALL, 2)  # cached positions in training: torch's dropout, no error
     model(idx[:, :8], cache)
     assert model(idx[:, 8:], cache).shape == (2, 8, 300)
 

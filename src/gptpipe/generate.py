@@ -8,21 +8,27 @@ window slides, every token moves to a new position and so every key and value ch
 the cache is rebuilt from the last context_length tokens at each step.
 """
 
+from collections.abc import Sequence
+
 import torch
 
 from gptpipe.model import GPTModel, KVCache, eval_mode
 from gptpipe.params import SampleParams
 from gptpipe.precision import autocast
-from gptpipe.tokenizer import END_OF_TEXT, decode, encode_prompt, gpt2_encoding
+from gptpipe.tokenizer import decode, encode_prompt, gpt2_encoding
+
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+               top_p: float = 1.0, generator: Generators = None) -> torch.Tensor:
     """Pick the next token from last-position logits (batch, vocab) -> (batch, 1).
 
     temperature 0 is greedy (argmax). Otherwise: keep the `top_k` most likely tokens, divide
     the logits by `temperature`, keep the smallest set of most likely tokens whose tempered
-    probability reaches `top_p` (always at least the most likely one), and sample from those.
+    probability reaches `top_p` (always at least the most likely one), and sample from those,
+    with `generator`, or with one generator per row (row i then draws what it would alone).
     """
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -35,7 +41,15 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop_sorted = mass_before >= top_p  # the top token has mass_before 0 and always stays
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    if isinstance(generator, Sequence):
+        return torch.cat([torch.multinomial(row[None], 1, generator=g) for row, g in zip(probs, generator)])
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def new_cache(model: GPTModel, batch_size: int, autocast_dtype: torch.dtype | None) -> KVCache:
+    """An empty cache for `model`, in the dtype its keys and values are computed in."""
+    weight = model.tok_emb.weight
+    return KVCache(model.cfg, batch_size, autocast_dtype or weight.dtype, weight.device)
 
 
 def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
@@ -59,12 +73,12 @@ def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None) -> to
 @torch.no_grad()
 def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None,
-             generator: torch.Generator | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+             generator: Generators = None, num_beams: int = 1, length_penalty: float = 1.0,
              use_cache: bool = True, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Extend token ids `idx` (batch, seq) by up to `max_new_tokens` tokens.
 
-    The model sees at most its context length of the most recent tokens. Generation stops
-    early when every sequence in the batch has produced `eos_id`. `num_beams` above 1 runs
+    The model sees at most its context length of the most recent tokens. A row that produced
+    `eos_id` repeats it from then on; generation stops when every row has. `num_beams` above 1 runs
     beam_search instead (one prompt, temperature 0). `use_cache=False` re-runs the full
     forward for every token (same result, slower); `autocast_dtype` runs the model under
     autocast in that dtype (e.g. torch.bfloat16), which changes the result slightly.
@@ -73,13 +87,17 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
         if temperature != 0.0:
             raise ValueError(f"beam search is deterministic: use temperature 0 with num_beams {num_beams}")
         return beam_search(model, idx, max_new_tokens, num_beams, length_penalty, eos_id, use_cache, autocast_dtype)
-    cache = KVCache(model.cfg.n_layers) if use_cache else None
+    cache = new_cache(model, idx.shape[0], autocast_dtype) if use_cache else None
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     with eval_mode(model), autocast(idx.device, autocast_dtype):
         for _ in range(max_new_tokens):
             logits = next_logits(model, idx, cache)
             token = next_token(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                token = token.masked_fill(finished[:, None], eos_id)
+                finished |= token[:, 0] == eos_id
             idx = torch.cat([idx, token], dim=1)
-            if eos_id is not None and bool((token == eos_id).all()):
+            if finished.all():
                 break
     return idx
 
@@ -103,7 +121,7 @@ def beam_search(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, num_bea
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     if max_new_tokens == 0:
         return idx
-    cache = KVCache(model.cfg.n_layers) if use_cache else None
+    cache = new_cache(model, 1, autocast_dtype) if use_cache else None
     beams = idx  # (live beams, seq)
     beam_scores = torch.zeros(1, device=idx.device)  # sum of log-probs of each live beam
     best: tuple[float, torch.Tensor] | None = None  # (score, sequence) of the best finished beam
@@ -142,14 +160,18 @@ def beam_search(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, num_bea
 def sample_texts(model: GPTModel, opts: SampleParams, device: torch.device,
                  autocast_dtype: torch.dtype | None = None) -> list[str]:
     """What the sample stage writes: opts.num_samples continuations of opts.prompt (the prompt
-    included), sample i drawn with seed opts.seed + i, each ending before <|endoftext|>."""
-    prompt = torch.tensor([encode_prompt(opts.prompt)], device=device)
+    included), each ending before <|endoftext|>. Sample i draws with seed opts.seed + i, the
+    samples decoded together as one batch (the weights are read once per step for all)."""
+    prompt = encode_prompt(opts.prompt)
+    eos_id = gpt2_encoding().eot_token
+    batch_size = 1 if opts.num_beams > 1 else opts.num_samples  # beam search is deterministic
+    rows = generate(model, torch.tensor([prompt] * batch_size, device=device), opts.max_new_tokens,
+                    temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, eos_id=eos_id,
+                    generator=[torch.Generator(device=device).manual_seed(opts.seed + i) for i in range(batch_size)],
+                    num_beams=opts.num_beams, length_penalty=opts.length_penalty, autocast_dtype=autocast_dtype)
+    rows = [rows[0]] * opts.num_samples if opts.num_beams > 1 else rows
     texts = []
-    for i in range(opts.num_samples):
-        ids = generate(model, prompt, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
-                       top_p=opts.top_p, eos_id=gpt2_encoding().eot_token,
-                       generator=torch.Generator(device=device).manual_seed(opts.seed + i),
-                       num_beams=opts.num_beams, length_penalty=opts.length_penalty,
-                       autocast_dtype=autocast_dtype)
-        texts.append(decode(ids[0].tolist()).removesuffix(END_OF_TEXT))
+    for row in rows:
+        new = row[len(prompt):].tolist()
+        texts.append(decode(prompt + new[:new.index(eos_id) if eos_id in new else len(new)]))
     return texts

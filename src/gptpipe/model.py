@@ -48,48 +48,46 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
-class LayerCache:
-    """Keys and values of the positions one attention layer has seen: (batch, heads, seq, head_dim).
+class KVCache(nn.Module):
+    """Keys and values of the positions a generation has seen, per layer, in buffers made for
+    the whole context: (layers, batch, heads, context_length, head_dim).
 
-    Concatenating per step copies the (small) cache, not the weights, so it costs little next
-    to the forward pass, and reordering beams is a plain index_select.
+    Each step writes its positions in place (no concatenation, no new memory) and attends over
+    the whole buffer through a mask of the positions filled, so every step of a decoding has
+    the same shapes: what CUDA graphs (torch.compile's reduce-overhead mode) need. The next
+    position fed to the model is len(cache). Masked positions get exactly zero attention, so
+    the results are those of attending over the filled positions only.
     """
 
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+    def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.context_length, cfg.emb_dim // cfg.n_heads)
+        # zeros, not empty: a masked position's weight is 0, and 0 × NaN garbage would be NaN
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("key_positions", torch.arange(cfg.context_length, device=device))
+        self.length = 0
 
     def __len__(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' keys and values; return those of all positions so far."""
-        if self.keys is not None:
-            keys = torch.cat([self.keys, keys], dim=2)
-            values = torch.cat([self.values, values], dim=2)
-        self.keys, self.values = keys, values
-        return keys, values
-
-
-class KVCache:
-    """Per-layer keys and values of a generation in progress, so each new token costs one
-    position's compute. The next position fed to the model is len(cache)."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.layers = [LayerCache() for _ in range(n_layers)]
-
-    def __len__(self) -> int:
-        return len(self.layers[0])
+        return self.length
 
     def clear(self) -> None:
-        self.layers = [LayerCache() for _ in self.layers]
+        self.length = 0  # stale entries are masked until overwritten
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the batch rows `index` (repeats allowed): beam search's surviving beams."""
-        for layer in self.layers:
-            if layer.keys is not None:
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
+        self.keys = self.keys.index_select(1, index)
+        self.values = self.values.index_select(1, index)
+
+    def update(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the keys and values (batch, heads, len(positions), head_dim) of `positions`;
+        return the layer's whole buffers and the mask (len(positions), context) of what each
+        of those positions may attend to: itself and the positions before it."""
+        self.keys[layer].index_copy_(2, positions, keys)
+        self.values[layer].index_copy_(2, positions, values)
+        return self.keys[layer], self.values[layer], self.key_positions <= positions[:, None]
 
 
 class MultiHeadAttention(nn.Module):
@@ -107,24 +105,20 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, heads, t, head_dim)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = (self.split_heads(w(x)) for w in (self.W_query, self.W_key, self.W_value))
-        past = 0
-        if cache is not None:
-            past = len(cache)
-            k, v = cache.extend(k, v)
         dropout_p = self.dropout.p if self.training else 0.0
-        if dropout_p > 0 and self.dropout.cheap_masks and past == 0:
+        if cache is not None:
+            k, v, mask = cache.update(layer, positions, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif dropout_p > 0 and self.dropout.cheap_masks:
             out = self.causal_attention_with_dropout(q, k, v)
-        elif past == 0:
+        else:
             # On CPU this draws the same dropout mask on the attention weights as the book's
             # explicit softmax-then-dropout, so the two stay step-for-step identical.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        else:
-            # is_causal aligns the mask top-left; new query i sits at position past + i.
-            mask = None if t == 1 else torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
     def causal_attention_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -164,8 +158,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim)
         self.drop_shortcut = Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer, positions))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -199,13 +194,14 @@ class GPTModel(nn.Module):
         if seq_len > self.cfg.context_length:
             raise ValueError(f"sequence of {seq_len} tokens is longer than the context length "
                              f"{self.cfg.context_length}")
-        pos = torch.arange(past, seq_len, device=idx.device)
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (batch, seq, emb)
+        positions = torch.arange(past, seq_len, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))  # (batch, seq, emb)
         if cache is None:
             x = self.trf_blocks(x)
         else:
-            for block, layer_cache in zip(self.trf_blocks, cache.layers):
-                x = block(x, layer_cache)
+            for layer, block in enumerate(self.trf_blocks):
+                x = block(x, cache, layer, positions)
+            cache.length = seq_len
         return self.out_head(self.final_norm(x))
 
 

@@ -77,7 +77,7 @@ def load_state(path: Path, run_id: str, model: torch.nn.Module, optimizer: torch
     saved it; the TrainState to continue from, or None to start fresh."""
     if not path.exists():
         return None
-    saved = torch_load(path, "the resumable state", f"delete it to start the run fresh", map_location=device)
+    saved = torch_load(path, "the resumable state", "delete it to start the run fresh", map_location=device)
     if not isinstance(saved, dict) or saved.get("run_id") != run_id \
             or saved.get("format_version") != FORMAT_VERSION:
         log.info(f"{path} was saved by a run with other params or data: starting fresh")
