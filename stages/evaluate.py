@@ -30,8 +30,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(params.train.device)
 
     model, _ = load_model(args.model, device)
+    amp_dtype = resolve_precision(params.train.precision, device,
+                                  params.evaluate.batch_size * model.cfg.context_length)
     results = evaluate_splits(model, args.tokens, params.train.stride, params.evaluate.batch_size,
-                              params.evaluate.max_tokens, device, resolve_precision(params.train.precision, device))
+                              params.evaluate.max_tokens, device, amp_dtype)
     for split, result in results.items():
         log.info(f"{split}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
                  f"{result.bits_per_byte:.4f} bits per byte over {result.tokens:,} tokens")

@@ -10,9 +10,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 import _library  # noqa: F401  (this checkout's library first)
 from gptpipe import cli
-from gptpipe.distributed import run_torchrun, under_torchrun
+from gptpipe.device import resolve_device
+from gptpipe.distributed import require_devices, run_torchrun, under_torchrun
 from gptpipe.params import load_params
 from gptpipe.pretrain import PretrainPaths, run_pretraining
 
@@ -29,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params(args.params)
 
     if params.train.nproc > 1 and not under_torchrun():
+        require_devices(params.train.nproc, resolve_device(params.train.device), torch.cuda.device_count())
         status = run_torchrun(params.train.nproc, Path(__file__).resolve(), sys.argv[1:] if argv is None else argv)
         if status != 0:
             sys.exit(status)

@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(params.train.device)
 
     model, _ = load_model(args.model, device)
-    texts = sample_texts(model, opts, device, decoding_dtype(params.train.precision, device))
+    texts = sample_texts(model, opts, device, decoding_dtype(params.train.precision, device, opts.num_samples))
     if opts.num_samples > 1:
         texts = [f"=== sample {i + 1} of {opts.num_samples} (seed {opts.seed + i}) ===\n{text}\n"
                  for i, text in enumerate(texts)]

@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, TINY, make_tokens, stage_args, write_params
 from gptpipe.checkpoint import load_model
-from gptpipe.distributed import Processes, sharded_loader
+from gptpipe.distributed import Processes, require_devices, sharded_loader
 from gptpipe.errors import PipelineError
 from gptpipe.params import load_params, per_process_batch
 
@@ -183,3 +183,12 @@ def test_the_global_batch_must_split_evenly(tmp_path):
     params = write_params(tmp_path / "params.yaml", {"train": {"batch_size": 3, "nproc": 2}})
     with pytest.raises(PipelineError, match=r"train\.batch_size \(3\).*2 processes \(train\.nproc"):
         load_params(params)
+
+
+def test_more_processes_than_gpus_is_one_line_before_torchrun_starts():
+    cuda = torch.device("cuda")
+    require_devices(2, cuda, cuda_devices=2)
+    require_devices(4, torch.device("cpu"), cuda_devices=0)  # gloo processes share the CPU
+    with pytest.raises(PipelineError, match=r"train\.nproc=2 starts one process per GPU, but this machine has 1 "
+                                            r"CUDA device\(s\): set train\.nproc to 1 or fewer"):
+        require_devices(2, cuda, cuda_devices=1)

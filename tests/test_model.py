@@ -117,3 +117,25 @@ def test_spelled_out_attention_equals_scaled_dot_product_attention():
         bf16 = att.causal_attention_with_dropout(q, k, v)
     assert bf16.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.float(), expected, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_book_dropout_attention_is_the_books_op_for_op(qkv_bias):
+    """The attention fp32 training takes on CUDA, run here: with the same weights and RNG state
+    it gives the book's attention module bit for bit, dropout masks included."""
+    cfg = GPTConfig(**{**vars(SMALL), "qkv_bias": qkv_bias, "drop_rate": 0.3})
+    torch.manual_seed(0)
+    book = book_model(cfg).train()
+    ours = GPTModel(cfg).train()
+    ours.load_state_dict(from_book_state_dict(book.state_dict()))
+    ours.use_book_dropout(True)
+    x = torch.randn(2, 16, 32)
+    torch.manual_seed(3)
+    expected = book.trf_blocks[0].att(x)
+    torch.manual_seed(3)
+    assert torch.equal(ours.trf_blocks[0].att(x), expected)
+    idx = torch.randint(0, 300, (2, 16))  # and through the whole model (its LayerNorm and GELU
+    torch.manual_seed(3)                   # round differently from the book's by an ulp)
+    expected = book(idx)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ours(idx), expected, rtol=0, atol=1e-5)

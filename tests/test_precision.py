@@ -6,16 +6,36 @@ import pytest
 import torch
 
 from gptpipe.errors import PipelineError
-from gptpipe.precision import autocast, cheap_dropout_masks, decoding_dtype, resolve_precision
+from gptpipe.precision import (CUDA_BF16_MIN_TOKENS, autocast, book_dropout, cheap_dropout_masks, choose_autocast,
+                               decoding_dtype, resolve_precision)
 
 CPU = torch.device("cpu")
 
 
 def test_fp32_is_exact_and_auto_follows_the_hardware():
-    assert resolve_precision("fp32", CPU) is None
+    assert resolve_precision("fp32", CPU, 512) is None
     amx = torch.cpu._is_amx_tile_supported()
-    assert resolve_precision("auto", CPU) == (torch.bfloat16 if amx else None)
-    assert resolve_precision("bf16", CPU) == torch.bfloat16
+    assert resolve_precision("auto", CPU, 512) == (torch.bfloat16 if amx else None)
+    assert resolve_precision("bf16", CPU, 512) == torch.bfloat16
+
+
+@pytest.mark.parametrize("device_type, fast_bf16, tokens, expected", [
+    ("cpu", True, 512, torch.bfloat16),     # AMX: faster at the book's shape already
+    ("cpu", False, 1 << 20, None),          # AVX2/AVX-512 without AMX: bf16 is emulated
+    ("cuda", True, 512, None),              # the book's batch on an H200: fp32 was faster
+    ("cuda", True, CUDA_BF16_MIN_TOKENS, torch.bfloat16),
+    ("cuda", True, 16 * 1024, torch.bfloat16),  # GPT-2's shape: bf16 2.8x
+    ("cuda", False, 16 * 1024, None),       # before Ampere
+    ("mps", True, 16 * 1024, None),
+])
+def test_auto_picks_the_faster_of_fp32_and_bf16_for_the_device_and_shape(device_type, fast_bf16, tokens, expected):
+    assert choose_autocast(device_type, fast_bf16, tokens) == expected
+
+
+def test_book_dropout_only_where_sdpa_would_not_draw_the_books_masks():
+    assert book_dropout(torch.device("cuda"), "fp32")
+    assert not book_dropout(CPU, "fp32")  # SDPA on the CPU draws them already
+    assert not book_dropout(torch.device("cuda"), "auto")
 
 
 def test_decoding_on_cpu_stays_fp32_under_auto():
@@ -25,7 +45,7 @@ def test_decoding_on_cpu_stays_fp32_under_auto():
 
 def test_bf16_where_unsupported_is_an_error():
     with pytest.raises(PipelineError, match="train.precision is bf16 but mps"):
-        resolve_precision("bf16", torch.device("mps"))
+        resolve_precision("bf16", torch.device("mps"), 512)
 
 
 def test_autocast_runs_matmuls_in_bf16_only_when_asked():

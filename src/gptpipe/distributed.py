@@ -52,6 +52,15 @@ def torchrun_command(nproc: int, script: str | Path, args: Sequence[str]) -> lis
             str(script), *args]
 
 
+def require_devices(nproc: int, device: torch.device, cuda_devices: int) -> None:
+    """On CUDA each of train.nproc processes takes a GPU of its own: there must be as many."""
+    if device.type == "cuda" and nproc > cuda_devices:
+        raise PipelineError(
+            f"train.nproc={nproc} starts one process per GPU, but this machine has {cuda_devices} CUDA "
+            f"device(s): set train.nproc to {max(cuda_devices, 1)} or fewer (or train.device: cpu to train "
+            f"several processes on the CPU)")
+
+
 def run_torchrun(nproc: int, script: str | Path, args: Sequence[str]) -> int:
     """Run `script args` as `nproc` processes on this machine through torchrun, wait, and
     return its exit status (128 + N when a signal N ended it, as a shell reports it).

@@ -52,12 +52,59 @@ def new_cache(model: GPTModel, batch_size: int, autocast_dtype: torch.dtype | No
     return KVCache(model.cfg, batch_size, autocast_dtype or weight.dtype, weight.device)
 
 
-def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+class StepDecoder:
+    """Decodes one position per call with the same shapes every time: the new tokens and their
+    position are copied into fixed buffers, then the forward runs eagerly, or on CUDA replays
+    a CUDA graph captured once (one launch for the whole forward instead of hundreds: at batch
+    1 a 124M model on a GPU is bound by kernel launches, not by the GPU)."""
+
+    def __init__(self, model: GPTModel, cache: KVCache, autocast_dtype: torch.dtype | None, graphed: bool):
+        self.model, self.cache, self.autocast_dtype = model, cache, autocast_dtype
+        device = cache.keys.device
+        self.tokens = torch.zeros(cache.keys.shape[1], 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if graphed:  # before anything is cached: the warm-up steps write at position 0
+            self.logits = self.capture()
+
+    def forward(self) -> torch.Tensor:
+        with autocast(self.tokens.device, self.autocast_dtype):
+            return self.model(self.tokens, self.cache, positions=self.position)[:, -1, :].float()
+
+    def capture(self) -> torch.Tensor:
+        """Record the forward as a CUDA graph, after warm-up steps on a side stream (as
+        torch.cuda.graph requires); returns the output buffer each replay refills."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            return self.forward()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, vocab) after `tokens` (batch, 1), which take position len(cache)."""
+        self.tokens.copy_(tokens)
+        self.position.fill_(len(self.cache))
+        if self.graph is None:
+            logits = self.forward()
+        else:
+            self.graph.replay()
+            logits = self.logits.clone()
+        self.cache.length += 1
+        return logits
+
+
+def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None,
+                decoder: StepDecoder | None = None) -> torch.Tensor:
     """Logits (batch, vocab) of the token after `idx` (batch, seq), as the full forward over the
     last context_length tokens gives them.
 
     `cache` must hold the keys and values of a prefix of `idx` (empty at first); only the rest
-    is run, and added to it. Without a cache the full forward is run.
+    is run, and added to it; a single new token through `decoder` when given. Without a cache
+    the full forward is run.
     """
     context_length = model.cfg.context_length
     if cache is None:
@@ -65,7 +112,10 @@ def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None) -> to
     if idx.shape[1] > context_length:  # the window slides: every position changes
         cache.clear()
         idx = idx[:, -context_length:]
-    return model(idx[:, len(cache):], cache)[:, -1, :].float()
+    new = idx[:, len(cache):]
+    if decoder is not None and new.shape[1] == 1:
+        return decoder(new)
+    return model(new, cache)[:, -1, :].float()
 
 
 # no_grad, not inference_mode: under inference_mode autocast does not cache its casts of the
@@ -90,8 +140,9 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
     cache = new_cache(model, idx.shape[0], autocast_dtype) if use_cache else None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     with eval_mode(model), autocast(idx.device, autocast_dtype):
+        decoder = StepDecoder(model, cache, autocast_dtype, graphed=idx.device.type == "cuda") if cache else None
         for _ in range(max_new_tokens):
-            logits = next_logits(model, idx, cache)
+            logits = next_logits(model, idx, cache, decoder)
             token = next_token(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished[:, None], eos_id)

@@ -91,6 +91,11 @@ class KVCache(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
+    # Training with dropout: spell the attention out as the book does (softmax, then torch's
+    # dropout on the weights) instead of scaled_dot_product_attention. The same numbers on the
+    # CPU, where SDPA draws the book's masks; on CUDA, SDPA's kernels draw their own.
+    book_dropout: bool = False
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -115,11 +120,21 @@ class MultiHeadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         elif dropout_p > 0 and self.dropout.cheap_masks:
             out = self.causal_attention_with_dropout(q, k, v)
+        elif dropout_p > 0 and self.book_dropout:
+            out = self.book_attention(q, k, v)
         else:
             # On CPU this draws the same dropout mask on the attention weights as the book's
             # explicit softmax-then-dropout, so the two stay step-for-step identical.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+    def book_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention with dropout, op for op as the book's MultiHeadAttention computes it."""
+        t = q.shape[2]
+        scores = (q @ k.transpose(2, 3)).masked_fill(
+            torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), -torch.inf)
+        weights = torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1)
+        return self.dropout(weights) @ v
 
     def causal_attention_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """What scaled_dot_product_attention computes in training, spelled out so that the
@@ -177,31 +192,42 @@ class GPTModel(nn.Module):
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
 
+    def use_book_dropout(self, enabled: bool) -> None:
+        """Attention dropout in the book's order and random stream on every device (see
+        MultiHeadAttention.book_dropout)."""
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.book_dropout = enabled
+
     def use_cheap_dropout(self, enabled: bool) -> None:
         """Draw dropout masks with cheap_dropout (the fast CPU path) instead of torch's dropout."""
         for module in self.modules():
             if isinstance(module, Dropout):
                 module.cheap_masks = enabled
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (batch, seq) -> logits (batch, seq, vocab).
 
         With a cache, `idx` holds only the new tokens: they take positions len(cache) onwards,
         attend to the cached ones as well, and their keys and values are added to the cache.
+        Given `positions` (a tensor, as a captured CUDA graph needs), they take those instead,
+        and keeping len(cache) is the caller's part.
         """
-        past = 0 if cache is None else len(cache)
-        seq_len = past + idx.shape[1]
-        if seq_len > self.cfg.context_length:
-            raise ValueError(f"sequence of {seq_len} tokens is longer than the context length "
-                             f"{self.cfg.context_length}")
-        positions = torch.arange(past, seq_len, device=idx.device)
+        if positions is None:
+            past = 0 if cache is None else len(cache)
+            if past + idx.shape[1] > self.cfg.context_length:
+                raise ValueError(f"sequence of {past + idx.shape[1]} tokens is longer than the context "
+                                 f"length {self.cfg.context_length}")
+            positions = torch.arange(past, past + idx.shape[1], device=idx.device)
+            if cache is not None:
+                cache.length = past + idx.shape[1]
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))  # (batch, seq, emb)
         if cache is None:
             x = self.trf_blocks(x)
         else:
             for layer, block in enumerate(self.trf_blocks):
                 x = block(x, cache, layer, positions)
-            cache.length = seq_len
         return self.out_head(self.final_norm(x))
 
 

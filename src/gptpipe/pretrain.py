@@ -26,7 +26,7 @@ from gptpipe.errors import PipelineError
 from gptpipe.generate import generate
 from gptpipe.model import GPTModel
 from gptpipe.params import ModelParams, Params, TrainParams
-from gptpipe.precision import allow_fast_float32, cheap_dropout_masks, resolve_precision
+from gptpipe.precision import allow_fast_float32, book_dropout, cheap_dropout_masks, resolve_precision
 from gptpipe.report import write_report
 from gptpipe.resume import fingerprint, load_state, save_state
 from gptpipe.tokenizer import decode, encode_prompt
@@ -62,7 +62,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused
 def setup_model(model_params: ModelParams, opts: TrainParams, device: torch.device
                 ) -> tuple[GPTModel, torch.optim.AdamW, torch.dtype | None]:
     """The initial model on `device`, its optimizer, and the autocast dtype (None: fp32)."""
-    amp_dtype = resolve_precision(opts.precision, device)
+    tokens_per_forward = opts.batch_size // opts.nproc * model_params.context_length  # one process's micro-batch
+    amp_dtype = resolve_precision(opts.precision, device, tokens_per_forward)
     allow_fast_float32(device, opts.precision)
     # The optimizer's first call imports torch's compiler (torch._dynamo: seconds of Python);
     # importing it on another thread while the weights are drawn (C++, which releases the
@@ -72,6 +73,7 @@ def setup_model(model_params: ModelParams, opts: TrainParams, device: torch.devi
     torch.manual_seed(opts.seed)  # fixes the initial weights, then the batch order and dropout
     model = initial_model(model_params.config, model_params.init_from).to(device)
     model.use_cheap_dropout(cheap_dropout_masks(device, amp_dtype, opts.compile))
+    model.use_book_dropout(book_dropout(device, opts.precision))
     compiler_import.join()
     optimizer = make_optimizer(model, opts.lr, opts.weight_decay, fused=opts.precision != "fp32")
     return model, optimizer, amp_dtype
