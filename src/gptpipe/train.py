@@ -190,7 +190,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loaders: Loa
     by DDP or torch.compile); `model` is what is evaluated and clipped.
     """
     state = state or TrainState()
-    forward = forward or model
+    forward = model if forward is None else forward  # (a compiled module has no truth value)
     eval_train_loader = loaders.eval_train or loaders.train
     accum = settings.grad_accum_steps
     start = time.perf_counter() - state.seconds
