@@ -93,3 +93,16 @@ def test_a_non_finite_loss_stops_with_the_step_named():
         model.final_norm.weight[0] = math.nan
     with pytest.raises(PipelineError, match=r"became nan at step 0 \(epoch 1\).*train.lr"):
         train(model, optimizer, Loaders(loader, loader), LoopSettings(1, 1, 1), constant(), device=CPU)
+
+
+def test_a_compiled_forward_trains_like_the_eager_one():
+    """train.compile hands the loop torch.compile's wrapper (here with the eager backend: the
+    wrapper, without minutes of code generation)."""
+    _, eager = run(batch_size=4, steps=2)
+    torch.manual_seed(0)
+    model = GPTModel(CFG)
+    optimizer = make_optimizer(model, 1e-3, 0.1, fused=False)
+    loader = window_loader(TOKENS, 8, 8, 4, shuffle=False, drop_last=True)
+    compiled = train(model, optimizer, Loaders(loader, loader), LoopSettings(1, 1, 2, max_steps=2), constant(),
+                     device=CPU, forward=torch.compile(model, backend="eager"))
+    assert [r.train_loss for r in compiled.records] == pytest.approx([r.train_loss for r in eager.records])
