@@ -241,3 +241,21 @@ def test_a_finished_row_repeats_end_of_text_until_every_row_has_finished(model):
     second = greedy[1, 3:].tolist()
     expected = second[:second.index(eos) + 1] if eos in second else second
     assert out[1, 3:3 + len(expected)].tolist() == expected
+
+
+def test_int8_decoding_writes_valid_text_close_to_fp32(tmp_path):
+    fp32 = run_sample_stage(tmp_path, max_new_tokens=8, temperature=0)
+    int8 = run_sample_stage(tmp_path, max_new_tokens=8, temperature=0, quantize="int8")
+    assert int8.startswith("Every effort moves you") and len(int8) > len("Every effort moves you")
+    assert fp32.startswith("Every effort moves you")
+
+
+def test_int8_decoding_agrees_with_fp32_on_most_greedy_tokens(model):
+    from gptpipe.quantize import quantize_for_decoding
+    prompts = torch.randint(0, CFG.vocab_size, (8, 3), generator=torch.Generator().manual_seed(2))
+    expected = generate(model, prompts, 6)
+    quantized = quantize_for_decoding(model, "int8", torch.device("cpu"))
+    agreement = (generate(quantized, prompts, 6)[:, 3:] == expected[:, 3:]).float().mean().item()
+    assert agreement >= 0.5
+    with pytest.raises(PipelineError, match="sample.quantize: int8 runs on the CPU"):
+        quantize_for_decoding(model, "int8", torch.device("cuda"))

@@ -171,6 +171,7 @@ class SampleParams:
     num_samples: int
     num_beams: int
     length_penalty: float
+    quantize: Literal["none", "int8"]
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 0, "sample.max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")

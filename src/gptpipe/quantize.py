@@ -1,0 +1,31 @@
+"""Fewer bytes per weight for decoding: one token at a time reads every weight once, so on a
+CPU decoding is bound by memory, not arithmetic.
+
+`int8` stores each nn.Linear's weight as int8 with a scale per output channel and quantizes
+the activations on the fly (dynamic quantization), through torch's own quantized kernels
+(fbgemm: AVX2, AVX-512 VNNI). torchao, its announced successor, was measured too: its CPU
+int8 paths ran 4x (weights and activations) and 10x (weights only) slower than fp32 in eager
+mode on the AVX2 machine of bench/bench_generate.py, since they rely on torch.compile to
+generate fused kernels, and compiling costs more than a sample stage's whole run. torch
+2.13 (pinned by this project) ships the fbgemm path, marked deprecated; bench/README.md
+lists its speed, its agreement with fp32's tokens and its effect on the loss.
+"""
+
+import warnings
+
+import torch
+
+from gptpipe.errors import PipelineError
+from gptpipe.model import GPTModel
+
+
+def quantize_for_decoding(model: GPTModel, mode: str, device: torch.device) -> torch.nn.Module:
+    """`model` with int8 linear layers for `mode` int8, or unchanged for `none`."""
+    if mode == "none":
+        return model
+    if device.type != "cpu":
+        raise PipelineError(f"sample.quantize: {mode} runs on the CPU's int8 kernels, and the model is on "
+                            f"{device}: set sample.quantize to none, or train.device to cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notice of torch.ao.quantization
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
