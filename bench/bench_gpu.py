@@ -103,7 +103,9 @@ def step_throughput(cfg: dict, batch: int, device: torch.device, steps: int, pea
                 "ours fp32": lambda: our_trainer(cfg, device, "fp32", False, batch),
                 "ours auto": lambda: our_trainer(cfg, device, "auto", False, batch),
                 "ours auto + compile": lambda: our_trainer(cfg, device, "auto", True, batch)}
+    step = None
     for name, build in variants.items():
+        step = None  # the previous variant's model and optimizer go before this one's peak is measured
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -116,7 +118,6 @@ def step_throughput(cfg: dict, batch: int, device: torch.device, steps: int, pea
                          "warmup_seconds": round(compile_seconds, 2),
                          "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
                          if device.type == "cuda" else None}
-        del step
     return results
 
 
