@@ -63,7 +63,7 @@ def setup_model(model_params: ModelParams, opts: TrainParams, device: torch.devi
     amp_dtype = resolve_precision(opts.precision, device)
     allow_fast_float32(device, opts.precision)
     torch.manual_seed(opts.seed)  # fixes the initial weights, then the batch order and dropout
-    model = initial_model(model_params.config, model_params.init_from).to(device)
+    model = initial_model(model_params, model_params.init_from).to(device)
     model.use_cheap_dropout(cheap_dropout_masks(device, amp_dtype, opts.compile))
     optimizer = make_optimizer(model, opts.lr, opts.weight_decay, fused=opts.precision != "fp32")
     return model, optimizer, amp_dtype
@@ -120,8 +120,9 @@ def run_pretraining(params: Params, paths: PretrainPaths) -> TrainState:
 
 def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device: torch.device) -> TrainState:
     opts = params.train
-    loaders = make_loaders(paths.tokens, params.model.context_length, opts, processes, device)
     model, optimizer, amp_dtype = setup_model(params.model, opts, device)
+    # after the model: an `auto` context length is the checkpoint's
+    loaders = make_loaders(paths.tokens, model.cfg.context_length, opts, processes, device)
     schedule = make_schedule(opts, len(loaders.train))
     on_processes = f" × {processes.world_size} processes" if processes.distributed else ""
     log.info(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}{on_processes}, "
