@@ -25,7 +25,7 @@ from gptpipe.generate import generate
 from gptpipe.model import GPTModel
 from gptpipe.params import ModelParams, Params, TrainParams
 from gptpipe.precision import allow_fast_float32, cheap_dropout_masks, resolve_precision
-from gptpipe.report import write_report
+from gptpipe.report import TrainingReport
 from gptpipe.resume import fingerprint, load_state, save_state
 from gptpipe.tokenizer import decode, encode_prompt
 from gptpipe.tokens import read_tokens
@@ -125,7 +125,8 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
     loaders = make_loaders(paths.tokens, model.cfg.context_length, opts, processes, device)
     schedule = make_schedule(opts, len(loaders.train))
     on_processes = f" × {processes.world_size} processes" if processes.distributed else ""
-    log.info(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}{on_processes}, "
+    parameters = sum(p.numel() for p in model.parameters())
+    log.info(f"{parameters:,} parameters on {device}{on_processes}, "
              f"{'bf16 autocast' if amp_dtype else 'fp32'}; {len(loaders.train)} batches per epoch")
 
     meta = paths.tokens / "meta.json"
@@ -148,8 +149,11 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
     if opts.compile:
         forward = torch.compile(forward)
     stop = AgreedStop(device) if processes.distributed else StopRequested()
+    report = TrainingReport(schedule, paths.plots, paths.metrics, model.cfg, parameters)
+    if state is not None and processes.is_main:
+        report.write(state)  # a resumed run's curves so far, until its next evaluation
     hooks = Hooks(save_state=lambda s: save_state(paths.resume_state, run_id, model, optimizer, s),
-                  on_epoch_end=log_sample, stop=stop)
+                  on_epoch_end=log_sample, on_evaluation=report.write, stop=stop)
     try:
         with stop.installed():
             state = train(model, optimizer, loaders, loop_settings(opts), schedule, device=device,
@@ -161,6 +165,6 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
     if processes.is_main:
         save_model(paths.model, model, step=state.step, epoch=min(state.epoch, opts.epochs),
                    tokens_seen=state.tokens_seen)
-        write_report(state, schedule, paths.plots, paths.metrics)
+        report.write(state, figures=True)
         paths.resume_state.unlink(missing_ok=True)
     return state
