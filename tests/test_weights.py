@@ -265,7 +265,7 @@ def test_gpt2_by_name_from_the_hub_cache_offline_then_exported(tmp_path, corpus_
     assert f"openai-community/gpt2 at revision {GPT2_SIZES['gpt2'][1]}" in result.stderr
     model, _ = load_model(tmp_path / "model.safetensors", torch.device("cpu"))
     assert model.cfg == GPTConfig(**{**vars(SMALL), "vocab_size": 50257})
-    assert json.loads((tmp_path / "train.json").read_text())["model"]["n_layers"] == 2
+    assert json.loads((tmp_path / "train.json").read_text())["architecture"]["n_layers"] == 2
     tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
     expected = hf_logits(hf, tokens)
     assert_same_logits(our_logits(model, tokens), expected)

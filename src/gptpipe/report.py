@@ -46,7 +46,7 @@ class TrainingReport:
         self.schedule = schedule
         self.plots_dir = Path(plots_dir)
         self.metrics_path = Path(metrics_path)
-        self.model = {**asdict(architecture), "parameters": parameters}
+        self.architecture = {**asdict(architecture), "parameters": parameters}
         self.columns = {"losses.csv": LOSS_COLUMNS, "lr.csv": LR_COLUMNS}
         self.rows: dict[str, list[tuple]] = {name: [] for name in self.columns}
         self.lines = {name: [csv_line(columns)] for name, columns in self.columns.items()}
@@ -71,7 +71,7 @@ class TrainingReport:
             "tokens_seen": state.tokens_seen,
             "tokens_per_second": round(state.tokens_seen / state.seconds, 1) if state.seconds else None,
             "wall_seconds": round(state.seconds, 2),
-            "model": self.model,
+            "architecture": self.architecture,  # not "model", which dvc exp show would mix with the params
         })
 
     def add(self, table: str, values: dict[str, Any]) -> None:
