@@ -81,7 +81,7 @@ def download(checkpoint: HubCheckpoint, filenames: tuple[str, ...], source: str)
                             f"HF_HUB_OFFLINE=1 not to wait for the network)") from None
     except GatedRepoError:
         raise PipelineError(f"{where}: the repository is gated; accept its conditions on "
-                            f"https://huggingface.co/{checkpoint.repo} and log in with `hf auth login` (or set "
+                            f"{constants.ENDPOINT}/{checkpoint.repo} and log in with `hf auth login` (or set "
                             f"HF_TOKEN)") from None
     except RepositoryNotFoundError:
         raise PipelineError(f"{where}: no such repository on the Hugging Face Hub, or it is private and "
@@ -95,7 +95,8 @@ def download(checkpoint: HubCheckpoint, filenames: tuple[str, ...], source: str)
                             f"{' + '.join(filenames)} (a pytorch_model.bin is not read: unpickling it could "
                             f"run code)") from None
     except HfHubHTTPError as e:
-        raise PipelineError(f"{where}: the Hugging Face Hub answered {first_line(e)}") from None
+        raise PipelineError(f"{where}: the Hugging Face Hub answered {first_line(e)}; check the token "
+                            f"(HF_TOKEN, `hf auth login`) or try again later") from None
     except OSError as e:
         raise PipelineError(f"{where}: writing the download to {constants.HF_HUB_CACHE} failed: {e}; free "
                             f"space there or set HF_HOME to another folder") from None
