@@ -6,8 +6,16 @@ PYTHON ?= python
 install:
 	$(PYTHON) -m pip install -e '.[test]'
 	$(PYTHON) -m pip install --no-deps 'llms-from-scratch==1.0.19'
+	$(MAKE) plots-page PYTHON=$(PYTHON)
+
+# `dvc plots show` with Vega, Vega-Lite and vega-embed from npm (vega/package-lock.json)
+# inlined in its page, which then renders offline; DVC's default page loads them from a CDN.
+plots-page:
+	npm ci --prefix vega --no-audit --no-fund
+	$(PYTHON) vega/make_template.py
+	$(PYTHON) -m dvc config --local plots.html_template ../vega/plots-template.html
 
 test:
 	$(PYTHON) -m pytest
 
-.PHONY: install test
+.PHONY: install plots-page test

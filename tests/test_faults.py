@@ -1,5 +1,6 @@
 """Pretraining survives being killed: a re-run resumes and ends bitwise where an
-uninterrupted run ends (on CPU)."""
+uninterrupted run ends (on CPU). And it can be watched: its curves and metrics so far are on
+disk at every evaluation."""
 
 import json
 import signal
@@ -60,6 +61,8 @@ def test_resume_after_sigkill_is_bitwise_identical(prepared, tmp_path):
     run.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL
     assert not (tmp_path / "model.safetensors").exists()
+    # the curves so far, which the resumed run continues
+    assert (baseline / "plots/losses.csv").read_text().startswith((tmp_path / "plots/losses.csv").read_text())
 
     rerun = pretrain(params, tokens, tmp_path)
     _, stderr = rerun.communicate(timeout=300)
@@ -97,3 +100,26 @@ def test_changed_params_start_fresh(prepared, tmp_path, corpus_path):
     _, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     assert "other params or data: starting fresh" in stderr
+
+
+def test_the_curves_and_metrics_so_far_are_on_disk_while_it_trains(prepared, tmp_path, corpus_path):
+    _, tokens, _ = prepared
+    params = write_params(tmp_path / "params.yaml",
+                          {**OVERRIDES, "train": {**OVERRIDES["train"], "max_steps": 12, "eval_freq": 2}}, corpus_path)
+    run = pretrain(params, tokens, tmp_path)
+    losses, metrics = tmp_path / "plots/losses.csv", tmp_path / "train.json"
+    seen = []  # losses.csv and the steps in train.json each time they changed, read while the run was going
+    while run.poll() is None:
+        if losses.exists() and metrics.exists():
+            text, steps = losses.read_text(), json.loads(metrics.read_text())["steps"]
+            if run.poll() is None and (not seen or text != seen[-1][0]):
+                seen.append((text, steps))
+        time.sleep(0.01)
+    assert run.returncode == 0, run.stderr.read()
+    final = losses.read_text()
+    assert final.count("\n") == 1 + 6  # the header and 6 evaluations
+    rows = [text.count("\n") for text, _ in seen]
+    assert len(rows) >= 2 and rows == sorted(rows), "losses.csv did not grow during the run"
+    assert all(final.startswith(text) for text, _ in seen)
+    assert [steps for _, steps in seen] == sorted(steps for _, steps in seen)
+    assert (tmp_path / "plots/lr.csv").read_text().count("\n") == 1 + 12

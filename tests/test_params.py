@@ -4,12 +4,12 @@ import yaml
 from conftest import ROOT, write_params
 from gptpipe.errors import PipelineError
 from gptpipe.model import GPTConfig
-from gptpipe.params import load_params
+from gptpipe.params import load_params, resolve_architecture
 
 
 def test_defaults_are_the_books_run():
     p = load_params(ROOT / "params.yaml")
-    assert p.model.config == GPTConfig(vocab_size=50257, context_length=256, emb_dim=768, n_heads=12,
+    assert resolve_architecture(p.model) == GPTConfig(vocab_size=50257, context_length=256, emb_dim=768, n_heads=12,
                                        n_layers=12, drop_rate=0.1, qkv_bias=False, tie_embeddings=False)
     assert p.model.init_from == "scratch"
     t = p.train

@@ -1,16 +1,20 @@
-"""Weights in and out: Hugging Face GPT-2 directories and the book's checkpoints give the same
-logits in our model, and our export gives the same logits in transformers. Nothing is downloaded:
-the GPT-2 models are small and randomly initialised."""
+"""Weights in and out: Hugging Face GPT-2 directories (also in huggingface_hub's cache) and the
+book's checkpoints give the same logits in our model, and our export gives the same logits in
+transformers. Nothing is downloaded: the GPT-2 models are small and randomly initialised."""
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY, make_tokens, run_stage, stage_args, write_params
+from conftest import TINY, make_tokens, run_stage, run_stage_process, stage_args, write_params
 from gptpipe.checkpoint import load_model, save_model
 from gptpipe.errors import PipelineError
+from gptpipe.hub import GPT2_SIZES
 from gptpipe.model import GPTConfig, GPTModel
 from gptpipe.params import load_params
 from gptpipe.weights import export_hf_gpt2, initial_model
@@ -124,7 +128,7 @@ def test_missing_and_extra_weights_are_refused(tmp_path):
 
 
 def test_unusable_init_from_paths(tmp_path):
-    with pytest.raises(PipelineError, match="does not exist; give scratch, a model file of this pipeline"):
+    with pytest.raises(PipelineError, match="does not exist; give scratch, gpt2 "):
         initial_model(SMALL, str(tmp_path / "nowhere"))
     with pytest.raises(PipelineError, match="has no config.json"):
         initial_model(SMALL, str(tmp_path))
@@ -208,21 +212,61 @@ def test_book_checkpoint_shapes_are_checked_against_the_params(tmp_path):
 
 # ---------------------------------------------------------------- through the stages
 
-def test_pretrain_from_hf_gpt2_with_no_epochs_keeps_its_logits_and_exports_them(tmp_path, corpus_path):
-    """init_from a GPT-2 directory, train.epochs 0: the pipeline's model file is that model, and
-    the export stage gives it back to transformers unchanged."""
-    hf = hf_gpt2(vocab_size=50257)
+def test_auto_keys_take_the_checkpoints_values_and_written_ones_are_checked(tmp_path):
+    hf = hf_gpt2()
     hf.save_pretrained(tmp_path / "gpt2")
+    params = load_params(write_params(tmp_path / "params.yaml", {  # the other model.* keys: auto
+        "model": {"context_length": 16, "init_from": str(tmp_path / "gpt2")}}))
+    ours = initial_model(params.model, params.model.init_from)
+    assert ours.cfg == GPTConfig(**{**vars(SMALL), "context_length": 16})
+    assert_same_logits(our_logits(ours, TOKENS[:, :16]), hf_logits(hf, TOKENS[:, :16]))
+    params = load_params(write_params(tmp_path / "params.yaml", {
+        "model": {"n_layers": 3, "qkv_bias": True, "init_from": str(tmp_path / "gpt2")}}))
+    with pytest.raises(PipelineError) as e:
+        initial_model(params.model, params.model.init_from)
+    assert "model.n_layers is 3 in the params, 2 in the checkpoint" in str(e.value)
+    assert "qkv_bias" not in str(e.value) and "emb_dim" not in str(e.value)
+
+
+def save_to_hub_cache(model, hf_home: Path, repo: str, commit: str) -> None:
+    """`model` saved by transformers, laid out in the Hugging Face cache at `hf_home` as
+    huggingface_hub lays out a download of `repo` at `commit`: the files in blobs/ named by
+    their hash, snapshots/<commit>/ linking to them, refs/main naming the commit."""
+    folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    model.save_pretrained(folder / "saved")
+    for file in (folder / "saved").iterdir():
+        blob = folder / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        file.replace(blob)
+        link = folder / "snapshots" / commit / file.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (folder / "saved").rmdir()
+    (folder / "refs").mkdir()
+    (folder / "refs/main").write_text(commit)
+
+
+def test_gpt2_by_name_from_the_hub_cache_offline_then_exported(tmp_path, corpus_path, monkeypatch):
+    """The one-param run, `init_from: gpt2` with train.epochs 0, offline with the weights in
+    huggingface_hub's cache: the architecture comes from the checkpoint (the model.* keys
+    are auto), its first context_length positions are kept, the model file computes what the
+    checkpoint computes, and the export stage gives it back to transformers unchanged."""
+    hf = hf_gpt2(vocab_size=50257, n_positions=64)
+    save_to_hub_cache(hf, tmp_path / "hf", *GPT2_SIZES["gpt2"])
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     params = write_params(tmp_path / "params.yaml", {
-        **TINY,
-        "model": {**TINY["model"], "qkv_bias": True, "tie_embeddings": True,
-                  "init_from": str(tmp_path / "gpt2")},
+        "model": {"context_length": 32, "init_from": "gpt2"},
         "train": {**TINY["train"], "epochs": 0},
     }, corpus_path)
     make_tokens(tmp_path, params)
-    run_stage("pretrain", params, *stage_args("pretrain", tmp_path))
-    tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
+    result = run_stage_process("pretrain", params, *stage_args("pretrain", tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"openai-community/gpt2 at revision {GPT2_SIZES['gpt2'][1]}" in result.stderr
     model, _ = load_model(tmp_path / "model.safetensors", torch.device("cpu"))
+    assert model.cfg == GPTConfig(**{**vars(SMALL), "vocab_size": 50257})
+    assert json.loads((tmp_path / "train.json").read_text())["architecture"]["n_layers"] == 2
+    tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
     expected = hf_logits(hf, tokens)
     assert_same_logits(our_logits(model, tokens), expected)
 

@@ -21,6 +21,9 @@ from gptpipe.download import is_sha256, parse_sources
 from gptpipe.errors import PipelineError
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+AUTO = "auto"
+Auto = Literal["auto"]
+SCRATCH = "scratch"
 
 
 def require(ok: bool, key: str, message: str) -> None:
@@ -87,21 +90,39 @@ class DataParams:
 
 
 @dataclass(frozen=True)
-class ModelParams(GPTConfig):
+class ModelParams:
     """The model group: the architecture, and where the initial weights come from (scratch, or
-    a checkpoint whose architecture must equal the params'). `config` is the bare architecture."""
-    # The default only satisfies dataclass field order: the key must be in params.yaml.
-    init_from: str = "scratch"
+    a checkpoint: weights.initial_model). An architecture key set to `auto` takes the
+    checkpoint's value, or from scratch the book's (GPTConfig's default); a value written out
+    must be the checkpoint's."""
+    vocab_size: int | Auto
+    context_length: int | Auto
+    emb_dim: int | Auto
+    n_heads: int | Auto
+    n_layers: int | Auto
+    drop_rate: float
+    qkv_bias: bool | Auto
+    tie_embeddings: bool | Auto
+    init_from: str
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         require(bool(self.init_from.strip()), "model.init_from",
-                "is empty: use scratch, a model.safetensors of this pipeline, a Hugging Face GPT-2 "
-                "directory or a model.pth of the book's code")
+                "is empty: use scratch, gpt2 (or gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face repo id, "
+                "a model.safetensors of this pipeline, a Hugging Face GPT-2 directory or a model.pth of the "
+                "book's code")
+        if self.init_from == SCRATCH:
+            resolve_architecture(self)  # the whole architecture is known: check it now
 
-    @property
-    def config(self) -> GPTConfig:
-        return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})
+
+def resolve_architecture(requested: "GPTConfig | ModelParams", checkpoint: dict[str, Any] | None = None) -> GPTConfig:
+    """The architecture `requested`, each `auto` in it replaced by the checkpoint's value or,
+    where there is none (from scratch, or the heads of the book's checkpoints), the book's."""
+    checkpoint = checkpoint or {}
+    values = {}
+    for f in dataclasses.fields(GPTConfig):
+        value = getattr(requested, f.name)
+        values[f.name] = checkpoint.get(f.name, f.default) if value == AUTO else value
+    return GPTConfig(**values)
 
 
 @dataclass(frozen=True)
@@ -244,10 +265,11 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
     if kind is Any:  # a value of several shapes, checked by its dataclass
         return value
     args = typing.get_args(kind)
+    auto = Auto in args
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (kind,) = [a for a in args if a is not type(None)]
+        if (value is None and type(None) in args) or (auto and value == AUTO):
+            return value
+        (kind,) = [a for a in args if a not in (type(None), Auto)]
         args = typing.get_args(kind)
     if typing.get_origin(kind) is Literal:
         if value not in args:
@@ -267,4 +289,5 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
                 pass
     if kind is str and isinstance(value, str):
         return value
-    raise PipelineError(f"params: {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    raise PipelineError(f"params: {key} must be {kind.__name__}{' or auto' if auto else ''}, got {value!r} "
+                        f"({type(value).__name__})")

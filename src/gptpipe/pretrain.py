@@ -27,7 +27,7 @@ from gptpipe.generate import generate
 from gptpipe.model import GPTModel
 from gptpipe.params import ModelParams, Params, TrainParams
 from gptpipe.precision import allow_fast_float32, book_dropout, cheap_dropout_masks, resolve_precision
-from gptpipe.report import write_report
+from gptpipe.report import TrainingReport
 from gptpipe.resume import fingerprint, load_state, save_state
 from gptpipe.tokenizer import decode, encode_prompt
 from gptpipe.tokens import read_tokens
@@ -62,8 +62,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused
 def setup_model(model_params: ModelParams, opts: TrainParams, device: torch.device
                 ) -> tuple[GPTModel, torch.optim.AdamW, torch.dtype | None]:
     """The initial model on `device`, its optimizer, and the autocast dtype (None: fp32)."""
-    tokens_per_forward = opts.batch_size // opts.nproc * model_params.context_length  # one process's micro-batch
-    amp_dtype = resolve_precision(opts.precision, device, tokens_per_forward)
     allow_fast_float32(device, opts.precision)
     # The optimizer's first call imports torch's compiler (torch._dynamo: seconds of Python);
     # importing it on another thread while the weights are drawn (C++, which releases the
@@ -71,7 +69,9 @@ def setup_model(model_params: ModelParams, opts: TrainParams, device: torch.devi
     compiler_import = threading.Thread(target=importlib.import_module, args=("torch._dynamo",))
     compiler_import.start()
     torch.manual_seed(opts.seed)  # fixes the initial weights, then the batch order and dropout
-    model = initial_model(model_params.config, model_params.init_from).to(device)
+    model = initial_model(model_params, model_params.init_from).to(device)
+    tokens_per_forward = opts.batch_size // opts.nproc * model.cfg.context_length  # one process's micro-batch
+    amp_dtype = resolve_precision(opts.precision, device, tokens_per_forward)
     model.use_cheap_dropout(cheap_dropout_masks(device, amp_dtype, opts.compile))
     model.use_book_dropout(book_dropout(device, opts.precision))
     compiler_import.join()
@@ -130,11 +130,13 @@ def run_pretraining(params: Params, paths: PretrainPaths) -> TrainState:
 
 def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device: torch.device) -> TrainState:
     opts = params.train
-    loaders = make_loaders(paths.tokens, params.model.context_length, opts, processes, device)
     model, optimizer, amp_dtype = setup_model(params.model, opts, device)
+    # after the model: an `auto` context length is the checkpoint's
+    loaders = make_loaders(paths.tokens, model.cfg.context_length, opts, processes, device)
     schedule = make_schedule(opts, len(loaders.train))
     on_processes = f" × {processes.world_size} processes" if processes.distributed else ""
-    log.info(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}{on_processes}, "
+    parameters = sum(p.numel() for p in model.parameters())
+    log.info(f"{parameters:,} parameters on {device}{on_processes}, "
              f"{'bf16 autocast' if amp_dtype else 'fp32'}; {len(loaders.train)} batches per epoch")
 
     meta = paths.tokens / "meta.json"
@@ -157,8 +159,11 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
     if opts.compile:
         forward = torch.compile(forward)
     stop = AgreedStop(device) if processes.distributed else StopRequested()
+    report = TrainingReport(schedule, paths.plots, paths.metrics, model.cfg, parameters)
+    if state is not None and processes.is_main:
+        report.write(state)  # a resumed run's curves so far, until its next evaluation
     hooks = Hooks(save_state=lambda s: save_state(paths.resume_state, run_id, model, optimizer, s),
-                  on_epoch_end=log_sample, stop=stop)
+                  on_epoch_end=log_sample, on_evaluation=report.write, stop=stop)
     try:
         with stop.installed():
             state = train(model, optimizer, loaders, loop_settings(opts), schedule, device=device,
@@ -170,6 +175,6 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
     if processes.is_main:
         save_model(paths.model, model, step=state.step, epoch=min(state.epoch, opts.epochs),
                    tokens_seen=state.tokens_seen)
-        write_report(state, schedule, paths.plots, paths.metrics)
+        report.write(state, figures=True)
         paths.resume_state.unlink(missing_ok=True)
     return state

@@ -2,12 +2,14 @@
 
 In: the initial weights of pretraining, `model.init_from`: `scratch`, a model file of this
 pipeline (data/model/model.safetensors, e.g. an earlier experiment's), a Hugging Face GPT-2
-directory (config.json + model.safetensors, the layout of openai-community/gpt2), or a
+directory (config.json + model.safetensors, the layout of openai-community/gpt2), a
 checkpoint written by the book's code (model.pth, a GPTModel state dict, or
-model_and_optimizer.pth). The architecture is read from the checkpoint and must equal the
-one the params describe, except that the context may be shorter: the model then keeps the
-first position embeddings, and computes on such short sequences exactly what the
-checkpoint computes (as nanoGPT's crop_block_size).
+model_and_optimizer.pth), or, where no such local path exists, a GPT-2 on the Hugging Face
+Hub (gptpipe.hub: gpt2, gpt2-medium, ..., org/name[@revision]). The architecture is read from
+the checkpoint: the params' `auto` keys take its values, and the keys written out must equal
+them, except that the context may be shorter: the model then keeps the first position
+embeddings, and computes on such short sequences exactly what the checkpoint computes (as
+nanoGPT's crop_block_size).
 
 Out: a Hugging Face GPT-2 directory that transformers' GPT2LMHeadModel.from_pretrained loads.
 
@@ -29,12 +31,12 @@ from safetensors.torch import load_file, save_file
 from gptpipe.checkpoint import read_model_file, torch_load
 from gptpipe.errors import PipelineError
 from gptpipe.files import atomic_path, write_json
+from gptpipe.hub import download, parse_hub_id
 from gptpipe.model import GPTModel, from_book_state_dict
-from gptpipe.params import GPTConfig
+from gptpipe.params import AUTO, SCRATCH, GPTConfig, ModelParams, resolve_architecture
 
 log = logging.getLogger(__name__)
 
-SCRATCH = "scratch"
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 GPT2_END_OF_TEXT = 50256
@@ -68,23 +70,30 @@ MODEL_PARAMS = [
 QKV = ("W_query", "W_key", "W_value")
 # Buffers some GPT-2 checkpoints carry (the causal mask), not weights.
 HF_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-ACCEPTED = ("scratch, a model file of this pipeline (model.safetensors), a Hugging Face GPT-2 "
+ACCEPTED = ("scratch, gpt2 (or gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face repo id "
+            "(org/name[@revision]), a model file of this pipeline (model.safetensors), a Hugging Face GPT-2 "
             "directory (config.json + model.safetensors) or a checkpoint of the book's code "
             "(model.pth or model_and_optimizer.pth)")
 
 
-def initial_model(cfg: GPTConfig, init_from: str) -> GPTModel:
-    """A GPTModel of `cfg`, freshly initialised (`scratch`) or holding the weights at `init_from`.
+def initial_model(requested: GPTConfig | ModelParams, init_from: str) -> GPTModel:
+    """A GPTModel of the architecture `requested`, freshly initialised (`scratch`) or holding
+    the weights at `init_from`.
 
-    The architecture stored with the weights must be `cfg`'s (its context may be shorter),
-    else a PipelineError lists each difference. The random initialisation runs either way, so
-    a loaded model sees the same batch order and dropout masks as a run from scratch with the
-    same seed.
+    Each `auto` key of `requested` takes the checkpoint's value; a key written out must equal
+    it (the context may be shorter), else a PipelineError lists each difference. The random
+    initialisation runs either way, so a loaded model sees the same batch order and dropout
+    masks as a run from scratch with the same seed.
     """
     if init_from == SCRATCH:
-        return GPTModel(cfg)
-    found, state = read_weights(Path(init_from), cfg.n_heads)
-    require_same_architecture(found, cfg, init_from)
+        return GPTModel(resolve_architecture(requested))
+    found, state = read_weights(checkpoint_path(init_from))
+    require_same_architecture(found, requested, init_from)
+    cfg = resolve_architecture(requested, found)
+    if "n_heads" not in found:
+        # The number of heads leaves no trace in the shapes of the book's weights.
+        log.info(f"{init_from}: the number of attention heads cannot be read from the weights; using "
+                 f"n_heads={cfg.n_heads}, which must be the value the model was trained with (model.n_heads)")
     if cfg.context_length < found["context_length"]:
         log.info(f"keeping the first {cfg.context_length} of the checkpoint's "
                  f"{found['context_length']} position embeddings (model.context_length)")
@@ -95,7 +104,19 @@ def initial_model(cfg: GPTConfig, init_from: str) -> GPTModel:
     return model
 
 
-def read_weights(path: Path, n_heads: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def checkpoint_path(init_from: str) -> Path:
+    """The local path `init_from` names; else the snapshot folder of the Hugging Face Hub
+    checkpoint it names, downloaded unless it is in the cache."""
+    path = Path(init_from)
+    if path.exists():
+        return path
+    checkpoint = parse_hub_id(init_from)
+    if checkpoint is None:
+        raise PipelineError(f"model.init_from: {path} does not exist; give {ACCEPTED}")
+    return download(checkpoint, (HF_CONFIG, HF_WEIGHTS), init_from)
+
+
+def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The architecture (GPTConfig fields) a checkpoint determines, and its weights under our names."""
     if path.is_dir():
         if not (path / HF_CONFIG).is_file():
@@ -104,9 +125,7 @@ def read_weights(path: Path, n_heads: int) -> tuple[dict[str, Any], dict[str, to
     if path.is_file() and path.suffix == ".safetensors":
         config, state, _ = read_model_file(path)
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "drop_rate"}, state
-    if path.is_file():
-        return read_book_checkpoint(path, n_heads)
-    raise PipelineError(f"model.init_from: {path} does not exist; give {ACCEPTED}")
+    return read_book_checkpoint(path)
 
 
 # ---------------------------------------------------------------- Hugging Face GPT-2
@@ -246,9 +265,10 @@ def export_hf_gpt2(model: GPTModel, directory: str | Path) -> None:
 
 # ---------------------------------------------------------------- the book's checkpoints
 
-def read_book_checkpoint(path: Path, n_heads: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_book_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """model.pth (torch.save(model.state_dict())) or model_and_optimizer.pth
-    ({"model_state_dict", "optimizer_state_dict"}) of the book's GPTModel."""
+    ({"model_state_dict", "optimizer_state_dict"}) of the book's GPTModel. Its number of heads
+    is not in the weights, so not in the architecture returned."""
     loaded = torch_load(path, "model.init_from:", f"expected {ACCEPTED}")
     if isinstance(loaded, dict) and "model_state_dict" in loaded:
         loaded = loaded["model_state_dict"]
@@ -257,9 +277,6 @@ def read_book_checkpoint(path: Path, n_heads: int) -> tuple[dict[str, Any], dict
                             f"(no 'tok_emb.weight'); expected {ACCEPTED}")
     state = from_book_state_dict(loaded)
     vocab_size, emb_dim = state["tok_emb.weight"].shape
-    # The number of heads leaves no trace in the shapes: it is the params' model.n_heads.
-    log.info(f"{path}: the number of attention heads cannot be read from the weights; "
-             f"using model.n_heads={n_heads}, which must be the value the model was trained with")
     found = {
         "vocab_size": vocab_size,
         "context_length": state["pos_emb.weight"].shape[0],
@@ -271,19 +288,20 @@ def read_book_checkpoint(path: Path, n_heads: int) -> tuple[dict[str, Any], dict
     return found, state
 
 
-def require_same_architecture(found: dict[str, Any], cfg: GPTConfig, source: str) -> None:
-    differing = {key: value for key, value in found.items() if getattr(cfg, key) != value
-                 and not (key == "context_length" and getattr(cfg, key) < value)}
+def require_same_architecture(found: dict[str, Any], requested: GPTConfig | ModelParams, source: str) -> None:
+    asked = {key: getattr(requested, key) for key in found}
+    differing = {key: value for key, value in found.items() if asked[key] not in (AUTO, value)
+                 and not (key == "context_length" and asked[key] < value)}
     if not differing:
         return
-    listed = "; ".join(f"model.{key} is {yaml_value(getattr(cfg, key))} in the params, "
+    listed = "; ".join(f"model.{key} is {yaml_value(asked[key])} in the params, "
                        f"{yaml_value(value)} in the checkpoint"
                        + (" (or less)" if key == "context_length" else "")
                        for key, value in differing.items())
     settings = " ".join(f"-S model.{key}={yaml_value(value)}" for key, value in differing.items())
     raise PipelineError(f"model.init_from={source} holds another architecture than the params "
-                        f"describe: {listed}. Set model.* to the checkpoint's values, e.g. "
-                        f"dvc exp run {settings}")
+                        f"describe: {listed}. Set model.* to auto (the checkpoint's values) or to the "
+                        f"checkpoint's values, e.g. dvc exp run {settings}")
 
 
 def yaml_value(value: Any) -> str:

@@ -1,0 +1,110 @@
+"""GPT-2 checkpoints from the Hugging Face Hub, named in `model.init_from`.
+
+`gpt2`, `gpt2-medium`, `gpt2-large` and `gpt2-xl` are OpenAI's models in openai-community/,
+each at a pinned commit, so that the same params load the same weights. Any other repo id
+(`org/name`) is read at its `main` branch, or at the revision after an `@`:
+`org/name@<commit, branch or tag>`.
+
+Only config.json and model.safetensors are downloaded, by huggingface_hub into its own cache
+(HF_HOME, HF_HUB_CACHE), with its progress bars, its resuming of interrupted downloads, its
+token (HF_TOKEN, `hf auth login`) and its offline mode (HF_HUB_OFFLINE=1: the cache only).
+"""
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+
+from gptpipe.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+# name: (repo, commit). The commits are each repository's main branch as it has stood since the
+# safetensors files were added; docs/weights.md says how they were checked.
+GPT2_SIZES = {
+    "gpt2": ("openai-community/gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e"),
+    "gpt2-medium": ("openai-community/gpt2-medium", "6dcaa7a952f72f9298047fd5137cd6e4f05f41da"),
+    "gpt2-large": ("openai-community/gpt2-large", "32b71b12589c2f8d625668d2335a01cac3249519"),
+    "gpt2-xl": ("openai-community/gpt2-xl", "15ea56dee5df4983c59b2538573817e1667135e2"),
+}
+HUB_ID = re.compile(r"(?P<repo>gpt2(?:-medium|-large|-xl)?|[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+# Names that are files, not repositories: a missing local checkpoint is reported as such.
+FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".json")
+
+
+@dataclass(frozen=True)
+class HubCheckpoint:
+    repo: str
+    revision: str
+
+    def __str__(self) -> str:
+        return f"{self.repo} at revision {self.revision}"
+
+
+def parse_hub_id(text: str) -> HubCheckpoint | None:
+    """The repository and revision `text` names (gpt2..., org/name, org/name@revision), or None."""
+    match = HUB_ID.fullmatch(text)
+    if match is None or text.endswith(FILE_SUFFIXES):
+        return None
+    name, revision = match["repo"], match["revision"]
+    if name in GPT2_SIZES:
+        repo, pinned = GPT2_SIZES[name]
+        return HubCheckpoint(repo, revision or pinned)
+    return HubCheckpoint(name, revision or constants.DEFAULT_REVISION)
+
+
+def download(checkpoint: HubCheckpoint, filenames: tuple[str, ...], source: str) -> Path:
+    """The snapshot directory holding `filenames` of `checkpoint` in huggingface_hub's cache,
+    downloaded first unless they are there. `source` is model.init_from, for messages."""
+    where = f"model.init_from={source}: {checkpoint}"
+    log.info(f"{where} (Hugging Face cache: {constants.HF_HUB_CACHE})")
+    revision = checkpoint.revision
+    try:
+        for filename in filenames:
+            path = Path(hf_hub_download(checkpoint.repo, filename, revision=revision))
+            # The snapshot folder is named by the commit: the later files come from that same
+            # commit even if a branch moves meanwhile.
+            revision = path.parent.name
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise PipelineError(f"{where} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
+                                f"HF_HUB_OFFLINE is set: run once with network (HF_HUB_OFFLINE unset), or set "
+                                f"HF_HOME to a cache that holds it") from None
+        raise PipelineError(f"{where} cannot be downloaded: the Hugging Face Hub ({constants.ENDPOINT}) is "
+                            f"unreachable and the files are not in the cache {constants.HF_HUB_CACHE}; check the "
+                            f"network or proxy (HTTPS_PROXY), or set HF_HOME to a cache that holds them (and "
+                            f"HF_HUB_OFFLINE=1 not to wait for the network)") from None
+    except GatedRepoError:
+        raise PipelineError(f"{where}: the repository is gated; accept its conditions on "
+                            f"{constants.ENDPOINT}/{checkpoint.repo} and log in with `hf auth login` (or set "
+                            f"HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise PipelineError(f"{where}: no such repository on the Hugging Face Hub, or it is private and "
+                            f"needs a token (`hf auth login` or HF_TOKEN); nor is there a local path "
+                            f"{source}") from None
+    except RevisionNotFoundError:
+        raise PipelineError(f"{where}: the repository has no such revision; give a commit, branch or tag "
+                            f"of it after @ (model.init_from={checkpoint.repo}@<revision>)") from None
+    except EntryNotFoundError:
+        raise PipelineError(f"{where}: the repository has no {filename}; a GPT-2 checkpoint here is "
+                            f"{' + '.join(filenames)} (a pytorch_model.bin is not read: unpickling it could "
+                            f"run code)") from None
+    except HfHubHTTPError as e:
+        raise PipelineError(f"{where}: the Hugging Face Hub answered {first_line(e)}; check the token "
+                            f"(HF_TOKEN, `hf auth login`) or try again later") from None
+    except OSError as e:
+        raise PipelineError(f"{where}: writing the download to {constants.HF_HUB_CACHE} failed: {e}; free "
+                            f"space there or set HF_HOME to another folder") from None
+    if not COMMIT.fullmatch(checkpoint.revision):
+        log.info(f"{checkpoint.revision} is commit {revision}: model.init_from={checkpoint.repo}@{revision} "
+                 f"loads these weights even after the repository changes")
+    return path.parent
+
+
+def first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
