@@ -56,11 +56,12 @@ def test_autocast_runs_matmuls_in_bf16_only_when_asked():
         assert (a @ a).dtype == torch.float32
 
 
-def test_cheap_dropout_masks_only_on_the_cpu_bf16_path():
-    assert cheap_dropout_masks(CPU, torch.bfloat16, compiled=False)
-    assert not cheap_dropout_masks(CPU, None, compiled=False)  # fp32: the book's masks
-    assert not cheap_dropout_masks(torch.device("cuda"), torch.bfloat16, compiled=False)
-    assert not cheap_dropout_masks(CPU, torch.bfloat16, compiled=True)
+def test_cheap_dropout_masks_on_the_cpu_unless_fp32_is_asked_for():
+    assert cheap_dropout_masks(CPU, "auto", compiled=False)  # bf16 with AMX, fp32 compute without
+    assert cheap_dropout_masks(CPU, "bf16", compiled=False)
+    assert not cheap_dropout_masks(CPU, "fp32", compiled=False)  # the book's masks
+    assert not cheap_dropout_masks(torch.device("cuda"), "auto", compiled=False)
+    assert not cheap_dropout_masks(CPU, "auto", compiled=True)
 
 
 HELD_MEMORY_PROBE = """

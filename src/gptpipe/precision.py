@@ -64,13 +64,14 @@ def decoding_dtype(precision: str, device: torch.device, batch_size: int = 1) ->
     return resolve_precision(precision, device, batch_size)
 
 
-def cheap_dropout_masks(device: torch.device, amp_dtype: torch.dtype | None, compiled: bool) -> bool:
-    """Whether training should draw dropout masks with model.cheap_keep_mask. On the CPU's bf16
-    path, torch's one-draw-per-element masks were a sixth of the step; in fp32 the book's exact
-    masks are kept (the book's numbers reproduce), on CUDA torch's masks are cheap already, and
-    under torch.compile the compiler fuses its own mask generation (and the in-place random_
-    of cheap masks would break its graph)."""
-    return device.type == "cpu" and amp_dtype is not None and not compiled
+def cheap_dropout_masks(device: torch.device, precision: str, compiled: bool) -> bool:
+    """Whether training should draw dropout masks with model.cheap_keep_mask: on the CPU
+    unless train.precision is fp32, where the book's exact masks are kept (the book's numbers
+    reproduce). torch's CPU dropout draws one random number per element, a sixth of a bf16
+    step and a twentieth of an fp32 one (bench/bench_train.py --profile). On CUDA torch's
+    masks are cheap already, and under torch.compile the compiler fuses its own mask
+    generation (the in-place random_ of cheap masks would break its graph)."""
+    return device.type == "cpu" and precision != "fp32" and not compiled
 
 
 def book_dropout(device: torch.device, precision: str) -> bool:

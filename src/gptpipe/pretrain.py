@@ -72,7 +72,7 @@ def setup_model(model_params: ModelParams, opts: TrainParams, device: torch.devi
     model = initial_model(model_params, model_params.init_from).to(device)
     tokens_per_forward = opts.batch_size // opts.nproc * model.cfg.context_length  # one process's micro-batch
     amp_dtype = resolve_precision(opts.precision, device, tokens_per_forward)
-    model.use_cheap_dropout(cheap_dropout_masks(device, amp_dtype, opts.compile))
+    model.use_cheap_dropout(cheap_dropout_masks(device, opts.precision, opts.compile))
     model.use_book_dropout(book_dropout(device, opts.precision))
     compiler_import.join()
     optimizer = make_optimizer(model, opts.lr, opts.weight_decay, fused=opts.precision != "fp32")
