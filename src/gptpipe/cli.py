@@ -39,6 +39,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def out_of_memory(e: BaseException) -> bool:
     # torch reports a failed CPU allocation as a plain RuntimeError, a CUDA one as OutOfMemoryError
     return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
