@@ -28,7 +28,7 @@ from gptpipe.precision import allow_fast_float32, cheap_dropout_masks, resolve_p
 from gptpipe.report import write_report
 from gptpipe.resume import fingerprint, load_state, save_state
 from gptpipe.tokenizer import decode, encode_prompt
-from gptpipe.tokens import read_tokens
+from gptpipe.tokens import read_meta, read_split
 from gptpipe.train import (Hooks, Loaders, LoopSettings, LRSchedule, Parallel, StopRequested, TrainingStopped,
                            TrainState, train, warmup_steps)
 from gptpipe.weights import initial_model
@@ -73,7 +73,8 @@ def make_loaders(tokens_dir: Path, context_length: int, opts: TrainParams, proce
                  device: torch.device) -> Loaders:
     """As in the book: training batches shuffled, the last partial one dropped; validation in
     order, every window. Under DDP each process loads its share of every global batch."""
-    tokens = {split: read_tokens(tokens_dir / f"{split}.bin") for split in ("train", "val")}
+    meta = read_meta(tokens_dir)
+    tokens = {split: read_split(tokens_dir, split, meta) for split in ("train", "val")}
     for split, ids in tokens.items():
         require_windows(len(ids), context_length, split)
     shape = dict(context_length=context_length, stride=opts.stride, batch_size=opts.batch_size,
