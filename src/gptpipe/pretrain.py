@@ -4,9 +4,10 @@ Layered as setup (the model, optimizer, loaders and schedule the params describe
 that tests and benchmarks call to build exactly what the stage builds) → `pretrain` (resume,
 the loop, the outputs) → gptpipe.train.train (the loop itself).
 
-A resumable state is saved every train.checkpoint_every steps and on Ctrl-C/SIGTERM under
-paths.resume_dir; a later run with the same params and tokens resumes from it. The model
-file (paths.model) holds weights and config only.
+A resumable state is saved every train.checkpoint_every steps, on Ctrl-C/SIGTERM, and before
+the outputs are written, under paths.resume_dir; a later run with the same params and tokens
+resumes from it (so a failed write of the outputs costs a re-run of the writes, not of the
+training). The model file (paths.model) holds weights and config only.
 """
 
 import logging
@@ -20,7 +21,8 @@ from gptpipe.checkpoint import save_model
 from gptpipe.data import require_windows, window_loader
 from gptpipe.device import hold_freed_memory, resolve_device
 from gptpipe.distributed import AgreedStop, Processes, data_parallel, process_group, same_on_all, sharded_loader
-from gptpipe.errors import PipelineError
+from gptpipe.errors import PipelineError, os_error_message
+from gptpipe.files import written_together
 from gptpipe.generate import generate
 from gptpipe.model import GPTModel
 from gptpipe.params import ModelParams, Params, TrainParams
@@ -132,6 +134,7 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
     run_id = fingerprint(params, meta.read_bytes() if meta.exists() else b"",
                          processes.world_size if processes.distributed else None)
     state = load_state(paths.resume_state, run_id, model, optimizer, device)
+    resumed_step = state.step if state else 0
     if processes.distributed and not same_on_all(state.step if state else -1, device):
         raise PipelineError(f"the processes found different resumable states in {paths.resume_state}: it "
                             f"must be the same file on every machine (a shared filesystem), or absent on "
@@ -159,8 +162,15 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
                             f"(dvc repro) to resume") from e
 
     if processes.is_main:
-        save_model(paths.model, model, step=state.step, epoch=min(state.epoch, opts.epochs),
-                   tokens_seen=state.tokens_seen)
-        write_report(state, schedule, paths.plots, paths.metrics)
+        if state.step > resumed_step:  # a failed write of the outputs must not lose the training
+            save_state(paths.resume_state, run_id, model, optimizer, state)
+        try:
+            with written_together():
+                save_model(paths.model, model, step=state.step, epoch=min(state.epoch, opts.epochs),
+                           tokens_seen=state.tokens_seen)
+                write_report(state, schedule, paths.plots, paths.metrics)
+        except OSError as e:
+            raise PipelineError(f"{os_error_message(e)}; the training is saved in {paths.resume_state}: run "
+                                f"the stage again to write the outputs without training again") from e
         paths.resume_state.unlink(missing_ok=True)
     return state
