@@ -25,6 +25,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # more (padding, e.g. 50304 for speed), never fewer.
 GPT2_VOCAB_SIZE = 50257
 INT64_MAX = 2**63 - 1  # every integer param must fit in torch's int64; seeds are in [0, INT64_MAX]
+MAX_LENGTH_PENALTY = 10.0  # beam search divides by new_tokens ** length_penalty: 10**30 ** 10 still fits a float
 
 
 def require(ok: bool, key: str, message: str) -> None:
@@ -61,6 +62,14 @@ class GPTConfig:
         require(self.emb_dim % self.n_heads == 0, f"model.n_heads ({self.n_heads})",
                 f"must divide model.emb_dim ({self.emb_dim}); e.g. emb_dim 768 with n_heads 12")
         require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+
+    @property
+    def n_parameters(self) -> int:
+        """The parameter count of gptpipe.model.GPTModel with this config, without building it."""
+        emb = self.emb_dim
+        block = 12 * emb * emb + 10 * emb + (3 * emb if self.qkv_bias else 0)  # attention, feed-forward, 2 norms
+        heads = 1 if self.tie_embeddings else 2  # token embedding, and the output head unless tied
+        return heads * self.vocab_size * emb + self.context_length * emb + self.n_layers * block + 2 * emb
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,9 @@ class SampleParams:
         require(self.num_beams == 1 or self.temperature == 0, "sample.num_beams",
                 f"({self.num_beams}) runs beam search, which is deterministic: set sample.temperature "
                 f"to 0 (top_k and top_p are then unused), or num_beams to 1 to sample")
+        require(-MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY, "sample.length_penalty",
+                f"must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}] (1 is neutral; far beyond, the "
+                f"length's power in the beam score overflows), got {self.length_penalty}")
         require_seed(self.seed, "sample.seed")
 
 

@@ -19,7 +19,7 @@ import torch
 
 from gptpipe.checkpoint import save_model
 from gptpipe.data import require_windows, window_loader
-from gptpipe.device import hold_freed_memory, resolve_device
+from gptpipe.device import hold_freed_memory, require_memory, resolve_device
 from gptpipe.distributed import AgreedStop, Processes, data_parallel, process_group, same_on_all, sharded_loader
 from gptpipe.errors import PipelineError, os_error_message
 from gptpipe.files import written_together
@@ -62,6 +62,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused
 def setup_model(model_params: ModelParams, opts: TrainParams, device: torch.device
                 ) -> tuple[GPTModel, torch.optim.AdamW, torch.dtype | None]:
     """The initial model on `device`, its optimizer, and the autocast dtype (None: fp32)."""
+    n = model_params.config.n_parameters  # weights, gradients and AdamW's two moments: 16 bytes each
+    require_memory(16 * n, device, f"training a model of {n:,} parameters", "make model.emb_dim, "
+                   "model.n_layers, model.vocab_size or model.context_length smaller")
     amp_dtype = resolve_precision(opts.precision, device)
     allow_fast_float32(device, opts.precision)
     torch.manual_seed(opts.seed)  # fixes the initial weights, then the batch order and dropout
