@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,10 @@ def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[t
     gpt2_encoding()  # loaded once here: forked workers inherit it
     pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_signals)
     try:
+        # The first submit forks every worker. A signal that lands in fork's at-fork hooks is
+        # printed and lost there ("Exception ignored"): hold the signals back until it is done.
+        with signals_held(), suppress(BrokenProcessPool):
+            pool.submit(int)
         in_flight: deque = deque()
         for key, text in pieces:
             in_flight.append((key, text, pool.submit(encode_ids, text)))
@@ -221,11 +225,25 @@ def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[t
         pool.shutdown(wait=True, cancel_futures=True)  # also on Ctrl-C or SIGTERM: no process outlives the stage
 
 
+HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends (and stay held in processes forked in it)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def worker_signals() -> None:
     """In an encoding process: Ctrl-C reaches the whole process group, and the stage stops its
     workers itself; SIGTERM ends a worker at once (it holds no file), not as the stage's handler."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
 
 
 def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float, test_ratio: float = 0.0,
