@@ -14,11 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from gptpipe.errors import PipelineError, os_error_message
+from tqdm import tqdm
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread wherever it was when the signal came."""
+from gptpipe.errors import PipelineError, Terminated, os_error_message
 
 
 def raise_terminated(signum: int, frame) -> None:
@@ -57,7 +55,9 @@ def out_of_memory(e: BaseException) -> bool:
 
 
 def fail(message: str) -> NoReturn:
-    print("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
+    # tqdm.write first clears a progress bar left open on stderr (a loop cut short), so that the
+    # error gets a line of its own
+    tqdm.write("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
     sys.exit(1)
 
 

@@ -1,4 +1,5 @@
 import errno
+import signal
 
 
 class PipelineError(Exception):
@@ -6,6 +7,15 @@ class PipelineError(Exception):
 
     Stage scripts print it without a traceback and exit non-zero.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, raised like Ctrl-C's KeyboardInterrupt wherever the program was."""
+
+
+def interruption(signum: int) -> KeyboardInterrupt:
+    """The exception that stops the program at once on signal `signum` (SIGINT or SIGTERM)."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def os_error_message(e: OSError) -> str:
