@@ -41,7 +41,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     An error while writing it is reported for `path`, as the OSError it is (see os_error_of)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # the folder takes no new file: say so for the output, not for a random name
+        raise OSError(e.errno, e.strerror, str(path)) from e
     os.close(fd)
     tmp = Path(name)
     pending = _pending.get()
