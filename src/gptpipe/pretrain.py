@@ -157,23 +157,27 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
     hooks = Hooks(save_state=lambda s: save_state(paths.resume_state, run_id, model, optimizer, s),
                   on_epoch_end=log_sample, stop=stop)
     try:
-        with stop.installed():
+        with stop.installed():  # over the final writes too: a stop request lets them finish
             state = train(model, optimizer, loaders, loop_settings(opts), schedule, device=device,
                           amp_dtype=amp_dtype, state=state, hooks=hooks, parallel=parallel, forward=forward)
+            if processes.is_main:
+                if state.step > resumed_step:  # a failed write of the outputs must not lose the training
+                    save_state(paths.resume_state, run_id, model, optimizer, state)
+                write_outputs(model, state, schedule, opts.epochs, paths)
     except TrainingStopped as e:
         raise PipelineError(f"{e}; the state is saved in {paths.resume_state}: run the stage again "
                             f"(dvc repro) to resume") from e
-
-    if processes.is_main:
-        if state.step > resumed_step:  # a failed write of the outputs must not lose the training
-            save_state(paths.resume_state, run_id, model, optimizer, state)
-        try:
-            with written_together():
-                save_model(paths.model, model, step=state.step, epoch=min(state.epoch, opts.epochs),
-                           tokens_seen=state.tokens_seen)
-                write_report(state, schedule, paths.plots, paths.metrics)
-        except OSError as e:
-            raise PipelineError(f"{os_error_message(e)}; the training is saved in {paths.resume_state}: run "
-                                f"the stage again to write the outputs without training again") from e
-        paths.resume_state.unlink(missing_ok=True)
     return state
+
+
+def write_outputs(model: GPTModel, state: TrainState, schedule: LRSchedule, epochs: int, paths: PretrainPaths) -> None:
+    """The model and the report, landing together; then the resumable state is no longer needed."""
+    try:
+        with written_together():
+            save_model(paths.model, model, step=state.step, epoch=min(state.epoch, epochs),
+                       tokens_seen=state.tokens_seen)
+            write_report(state, schedule, paths.plots, paths.metrics)
+    except OSError as e:
+        raise PipelineError(f"{os_error_message(e)}; the training is saved in {paths.resume_state}: run "
+                            f"the stage again to write the outputs without training again") from e
+    paths.resume_state.unlink(missing_ok=True)
