@@ -32,8 +32,8 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     scaled = logits / temperature
-    if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a tiny temperature overflowed: shift first
-        scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a tiny temperature overflowed float32:
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)).double() / temperature  # the same distribution
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
