@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import signal
+import threading
 from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -206,8 +207,8 @@ def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[t
     gpt2_encoding()  # loaded once here: forked workers inherit it
     pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_signals)
     try:
-        # The first submit forks every worker. A signal that lands in fork's at-fork hooks is
-        # printed and lost there ("Exception ignored"): hold the signals back until it is done.
+        # The first submit forks every worker. A signal handler that raised in fork's at-fork
+        # hooks would be printed and lost there ("Exception ignored"): hold signals until done.
         with signals_held(), suppress(BrokenProcessPool):
             pool.submit(int)
         in_flight: deque = deque()
@@ -225,17 +226,24 @@ def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[t
         pool.shutdown(wait=True, cancel_futures=True)  # also on Ctrl-C or SIGTERM: no process outlives the stage
 
 
-HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block ends (and stay held in processes forked in it)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    """SIGINT and SIGTERM that arrive in the block are acted on when it ends. (Blocking them in
+    this thread would not do: another thread, tqdm's monitor, may receive them, and Python then
+    runs the handler in this thread all the same.)"""
+    if threading.current_thread() is not threading.main_thread():  # only it handles signals
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def worker_signals() -> None:
@@ -243,7 +251,6 @@ def worker_signals() -> None:
     workers itself; SIGTERM ends a worker at once (it holds no file), not as the stage's handler."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
 
 
 def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float, test_ratio: float = 0.0,
