@@ -22,8 +22,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("--corpus", default="data/raw/corpus.txt", help="the UTF-8 text to tokenize")
     parser.add_argument("--out", default="data/tokens", help="directory for <split>.bin and meta.json")
-    parser.add_argument("--workers", type=int, default=available_cores(),
-                        help="encoding processes (the ids do not depend on it)")
+    parser.add_argument("--workers", type=cli.positive_int, default=available_cores(),
+                        help="encoding processes, at least 1 (the ids do not depend on it)")
     args = parser.parse_args(argv)
     data = load_params(args.params).data
 

@@ -1,14 +1,19 @@
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 import yaml
 
+from gptpipe import cli
 from gptpipe.download import download
 from gptpipe.tokenizer import seed_tiktoken_cache
 
@@ -130,12 +135,41 @@ def stage_args(script: str, d: Path) -> list[str]:
     }[script]
 
 
-def run_stage(script: str, params: Path, *args: str) -> None:
-    """Run stages/<script>.py's main() in this process."""
+def stage_module(script: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"stage_{script}", ROOT / "stages" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--params", str(params), *args])
+    return module
+
+
+def run_stage(script: str, params: Path, *args: str) -> None:
+    """Run stages/<script>.py's main() in this process."""
+    stage_module(script).main(["--params", str(params), *args])
+
+
+@dataclass(frozen=True)
+class StageRun:
+    status: int
+    stderr: str
+
+    @property
+    def errors(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error: ")]
+
+
+def run_stage_cli(script: str, params: Path, *args: str) -> StageRun:
+    """Run stages/<script>.py in this process as its command line runs it, through gptpipe.cli.run
+    (a failure: one error line, exit status 1): its exit status and what it wrote to stderr.
+    An exception that cli.run lets through (a traceback on the command line) fails the test."""
+    module = stage_module(script)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            cli.run(module.main, ["--params", str(params), *args])
+            status = 0
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+    return StageRun(status, stderr.getvalue())
 
 
 def stage_command(script: str, params: Path, *args: str) -> list[str]:

@@ -10,6 +10,7 @@ This module also holds the one safe torch.load of the project, for the torch fil
 (resume state, the book's checkpoints): weights_only=True, never arbitrary unpickling.
 """
 
+import codecs
 import dataclasses
 import json
 import pickle
@@ -25,10 +26,13 @@ from safetensors.torch import save_file
 from gptpipe.errors import PipelineError
 from gptpipe.files import atomic_path
 from gptpipe.model import GPTModel, uninitialized_weights
-from gptpipe.params import GPTConfig
+from gptpipe.params import GPTConfig, parse_section
 
 HEADER_KEY = "gptpipe"  # the header entry that marks a model file of this pipeline
 FORMAT_VERSION = 1
+# What file_kind finds: the two formats read here, by their first bytes.
+SAFETENSORS = "a safetensors file"
+TORCH_FILE = "a PyTorch file (torch.save)"
 
 
 def save_model(path: str | Path, model: GPTModel, **progress: int) -> None:
@@ -44,13 +48,46 @@ def save_model(path: str | Path, model: GPTModel, **progress: int) -> None:
                   metadata={HEADER_KEY: json.dumps(header)})
 
 
+def file_kind(path: Path) -> str:
+    """What `path` holds, judged by its first bytes: SAFETENSORS (an 8-byte header length, then
+    JSON), TORCH_FILE (a zip archive or a pickle), or a description of anything else."""
+    if path.is_dir():
+        return "a directory"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "an empty file"
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
+        return SAFETENSORS
+    if head.startswith(b"PK\x03\x04") or len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return TORCH_FILE  # a zip archive, or a pickle (protocol 2 to 5)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character may be cut at byte 64
+    except UnicodeDecodeError:
+        return "a file of an unknown format"
+    return "a text file" if all(c.isprintable() or c.isspace() for c in text) else "a file of an unknown format"
+
+
+def require_usable_weights(state: dict[str, torch.Tensor], source: str, fix: str) -> None:
+    """Every weight a floating-point tensor of finite numbers: a NaN would only show as NaN logits."""
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise PipelineError(f"{source}: weight {key} holds {value.dtype} values, not floating point; {fix}")
+        if not bool(torch.isfinite(value).all()):
+            raise PipelineError(f"{source}: weight {key} holds NaN or infinite values (a diverged or "
+                                f"damaged model); {fix}")
+
+
 def read_model_file(path: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """The config, the weights (by GPTModel's names, the tied head included) and the progress
     stored in a model file of this pipeline."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PipelineError(f"model file {path} not found: run the pretrain stage first (dvc repro pretrain)")
+    if (kind := file_kind(path)) != SAFETENSORS:
+        raise PipelineError(f"{path} is {kind}, not a model file of this pipeline (safetensors); re-run "
+                            f"pretrain to write it, or give the path of one")
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
@@ -64,10 +101,11 @@ def read_model_file(path: str | Path, device: str | torch.device = "cpu"
                             f"config.json next to it")
     try:
         header = json.loads(metadata[HEADER_KEY])
-        config = GPTConfig(**header["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise PipelineError(f"{path} has a model header this version cannot read ({e}); re-run "
-                            f"pretrain to write it again") from e
+        config = parse_section(GPTConfig, "model.", header["config"])
+    except (json.JSONDecodeError, KeyError, TypeError, PipelineError) as e:
+        raise PipelineError(f"{path} has a model header this version cannot read "
+                            f"({str(e).removeprefix('params: ')}); re-run pretrain to write it again") from e
+    require_usable_weights(state, str(path), "re-run pretrain to write it again")
     if config.tie_embeddings and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]
     return config, state, header.get("progress", {})
@@ -92,6 +130,10 @@ def load_model(path: str | Path, device: torch.device) -> tuple[GPTModel, dict[s
 def torch_load(path: Path, what: str, fix: str, map_location: str | torch.device = "cpu") -> Any:
     """torch.load with weights_only=True: plain tensors and values, never code. `what` names the
     file for the error message, `fix` says what to do about an unreadable one."""
+    if not path.exists():
+        raise PipelineError(f"{what} {path} not found; {fix}")
+    if (kind := file_kind(path)) != TORCH_FILE:
+        raise PipelineError(f"{what} {path} is {kind}, not a PyTorch file (torch.save); {fix}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -19,11 +19,14 @@ import codecs
 import hashlib
 import os
 import re
+import signal
+import threading
 from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack, closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptpipe.errors import PipelineError
-from gptpipe.files import write_json
+from gptpipe.files import write_json, written_together
 from gptpipe.tokenizer import END_OF_TEXT, encode, gpt2_encoding
 from gptpipe.tokens import TOKEN_DTYPE, token_writer
 
@@ -202,7 +205,12 @@ def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[t
             yield key, text, encode_ids(text)
         return
     gpt2_encoding()  # loaded once here: forked workers inherit it
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_signals)
+    try:
+        # The first submit forks every worker. A signal handler that raised in fork's at-fork
+        # hooks would be printed and lost there ("Exception ignored"): hold signals until done.
+        with signals_held(), suppress(BrokenProcessPool):
+            pool.submit(int)
         in_flight: deque = deque()
         for key, text in pieces:
             in_flight.append((key, text, pool.submit(encode_ids, text)))
@@ -211,6 +219,38 @@ def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[t
                 yield done_key, done_text, done_ids.result()
         for done_key, done_text, done_ids in in_flight:
             yield done_key, done_text, done_ids.result()
+    except BrokenProcessPool as e:
+        raise PipelineError("an encoding process of the tokenize stage ended abruptly (killed, or out of "
+                            "memory?): run the stage again, with fewer --workers if memory is short") from e
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # also on Ctrl-C or SIGTERM: no process outlives the stage
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are acted on when it ends. (Blocking them in
+    this thread would not do: another thread, tqdm's monitor, may receive them, and Python then
+    runs the handler in this thread all the same.)"""
+    if threading.current_thread() is not threading.main_thread():  # only it handles signals
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+def worker_signals() -> None:
+    """In an encoding process: Ctrl-C reaches the whole process group, and the stage stops its
+    workers itself; SIGTERM ends a worker at once (it holds no file), not as the stage's handler."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float, test_ratio: float = 0.0,
@@ -221,31 +261,33 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
     scan = scan_corpus(corpus)
     splits = plan_splits(scan, train_ratio, test_ratio)
     n_bytes = [0] * len(splits)
-    with ExitStack() as stack:
+    with written_together(), ExitStack() as stack:  # the token files and meta.json land together
         writers = [stack.enter_context(token_writer(out_dir / f"{split.name}.bin")) for split in splits]
         bar = stack.enter_context(tqdm(total=scan.bytes, unit="B", unit_scale=True, desc="tokenize", leave=False))
         pieces = split_pieces(corpus, splits, chunk_chars)
-        for k, text, ids in encode_pieces(pieces, workers or available_cores()):
+        # closing: on an error the encoding processes stop now, not when the generator is collected
+        encoded = stack.enter_context(closing(encode_pieces(pieces, workers or available_cores())))
+        for k, text, ids in encoded:
             writers[k].write(ids)
             size = len(text.encode("utf-8"))
             n_bytes[k] += size
             bar.update(size)
+        meta = {
+            "source_sha256": scan.sha256,
+            "tokenizer": "gpt2",
+            "vocab_size": gpt2_encoding().n_vocab,
+            "dtype": TOKEN_DTYPE.__name__,
+            "split": {"by": "characters" if len(scan.document_starts) == 1 else "documents",
+                      "train_ratio": train_ratio, "test_ratio": test_ratio},
+            "documents": len(scan.document_starts),
+            "characters": scan.characters,
+            "bytes": scan.bytes,
+            "splits": {split.name: {"file": f"{split.name}.bin", "characters": split.end - split.start,
+                                    "bytes": n_bytes[k], "documents": split.documents,
+                                    "tokens": writers[k].count}
+                       for k, split in enumerate(splits)},
+        }
+        write_json(out_dir / "meta.json", meta)
     if test_ratio == 0:
         (out_dir / "test.bin").unlink(missing_ok=True)  # left by an earlier run with a test split
-    meta = {
-        "source_sha256": scan.sha256,
-        "tokenizer": "gpt2",
-        "vocab_size": gpt2_encoding().n_vocab,
-        "dtype": TOKEN_DTYPE.__name__,
-        "split": {"by": "characters" if len(scan.document_starts) == 1 else "documents",
-                  "train_ratio": train_ratio, "test_ratio": test_ratio},
-        "documents": len(scan.document_starts),
-        "characters": scan.characters,
-        "bytes": scan.bytes,
-        "splits": {split.name: {"file": f"{split.name}.bin", "characters": split.end - split.start,
-                                "bytes": n_bytes[k], "documents": split.documents,
-                                "tokens": writers[k].count}
-                   for k, split in enumerate(splits)},
-    }
-    write_json(out_dir / "meta.json", meta)
     return meta

@@ -1,4 +1,5 @@
 import ctypes
+import os
 
 import torch
 
@@ -24,6 +25,24 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise PipelineError("train.device is 'mps' but MPS is not available here; set train.device to auto or cpu")
     return device
+
+
+def device_memory(device: torch.device) -> int | None:
+    """The bytes of memory `device` has in all (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def require_memory(n_bytes: int, device: torch.device, what: str, fix: str) -> None:
+    """Refuse at once what could only end in an allocation failure, or hours of building a model
+    that cannot fit (a million layers allocate one small tensor at a time)."""
+    total = device_memory(device)
+    if total is not None and n_bytes > total:
+        raise PipelineError(f"{what} needs at least {n_bytes / 2**30:,.1f} GiB, more than the "
+                            f"{total / 2**30:,.1f} GiB of {device}: {fix}")
 
 
 def hold_freed_memory() -> bool:

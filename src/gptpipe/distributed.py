@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gptpipe.data import TokenWindows, collate_windows
-from gptpipe.errors import PipelineError
+from gptpipe.errors import PipelineError, interruption
 from gptpipe.params import per_process_batch
 from gptpipe.train import StopRequested
 
@@ -152,7 +152,7 @@ class AgreedStop(StopRequested):
 
     def handle(self, signum: int, frame) -> None:
         if self.received is not None:  # a second signal to this process: stop now
-            raise KeyboardInterrupt
+            raise interruption(signum)
         self.received = signum
 
     def requested(self) -> bool:

@@ -138,6 +138,8 @@ def download(url: str | Sequence[str | Mapping[str, Any] | Source], dest: str | 
             fetch(file, corpus, max_bytes, timeout)
         actual = corpus.digest.hexdigest()
         what = files[0].url if len(files) == 1 else f"the corpus joined from {len(files)} files"
+        if corpus.written == 0:  # refused here, where data.url is the cause, not later by tokenize
+            raise PipelineError(f"{what} is empty: point data.url at the corpus")
         require_checksum(what, f"data.sha256={sha256}", sha256, actual,
                          "fix data.url, or set data.sha256 to the new hash (or null) if the change is intended")
     return actual

@@ -1,27 +1,113 @@
-"""Atomic writes: a killed process never leaves a half-written file that a later stage trusts."""
+"""Atomic writes: a killed process never leaves a half-written file that a later stage trusts.
 
+Every output is written to a temporary file next to it and renamed into place only when it is
+complete. On any failure (an exception, Ctrl-C, SIGTERM: see gptpipe.cli) the temporary file is
+removed and the previous output stays as it was. Inside `written_together()`, the renames of
+all the block's outputs wait for the block's end, so a stage's outputs never mix two runs.
+"""
+
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import cache
 from pathlib import Path
 from typing import IO, Any
+
+# Below this much free space, a failed write is taken to be the full disk's doing (see os_error_of).
+NEARLY_FULL_BYTES = 1 << 20
+
+_pending: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("pending_renames", default=None)
+
+
+@cache
+def output_mode() -> int:
+    """The mode a new file gets under the process's umask (0666 & ~umask), as DVC's own outputs;
+    mkstemp creates 0600, which other users could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    An error while writing it is reported for `path`, as the OSError it is (see os_error_of)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # the folder takes no new file: say so for the output, not for a random name
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    os.close(fd)
+    tmp = Path(name)
+    pending = _pending.get()
+    handed_over = False
+    try:
+        yield tmp
+        os.chmod(tmp, output_mode())  # after the block: a library may have replaced the file (safetensors does)
+        if pending is None:
+            os.replace(tmp, path)
+        else:
+            pending.append((tmp, path))
+            handed_over = True
+    except Exception as e:
+        found = os_error_of(e, tmp, path)
+        if found is e:
+            raise
+        raise found from e
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if not handed_over:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def written_together() -> Iterator[None]:
+    """Atomic writes inside the block land together when it ends: a failure or a signal before
+    then leaves every previous output in place (the renames themselves take microseconds).
+    Inside another such block, they land with that block's."""
+    if _pending.get() is not None:
+        yield
+        return
+    pending: list[tuple[Path, Path]] = []
+    token = _pending.set(pending)
+    try:
+        yield
+        for _, path in pending:  # the one rename that fails for a reason known beforehand
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        for tmp, path in pending:
+            os.replace(tmp, path)
+    finally:
+        _pending.reset(token)
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+
+
+def os_error_of(e: BaseException, tmp: Path, path: Path) -> BaseException:
+    """The OSError behind a failed write of `path` through its temporary file `tmp`, naming `path`;
+    `e` itself when it is not about the write. Libraries that write files themselves report a
+    failed write in their own exception type: safetensors with the OS error's number ("os error
+    28"), torch.save as a bare RuntimeError ("unexpected pos ..."), so a full disk is recognised
+    by the space left on it."""
+    if isinstance(e, OSError):
+        if e.filename in (None, str(tmp)):
+            return OSError(e.errno, e.strerror, str(path))
+        return e
+    if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
+        number = re.search(r"\(os error (\d+)\)", str(e))
+        if number:
+            code = int(number.group(1))
+            return OSError(code, os.strerror(code), str(path))
+        if shutil.disk_usage(path.parent).free < NEARLY_FULL_BYTES:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return e
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from gptpipe.model import GPTModel, KVCache, eval_mode
-from gptpipe.params import SampleParams
+from gptpipe.params import GPT2_VOCAB_SIZE, SampleParams
 from gptpipe.precision import autocast
 from gptpipe.tokenizer import decode, encode_prompt, gpt2_encoding
 
@@ -29,15 +29,21 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     the logits by `temperature`, keep the smallest set of most likely tokens whose tempered
     probability reaches `top_p` (always at least the most likely one), and sample from those,
     with `generator`, or with one generator per row (row i then draws what it would alone).
+    Ids beyond GPT-2's 50,257 (a padded vocabulary) are never picked: no tokenizer decodes them.
     """
+    logits = logits[:, :GPT2_VOCAB_SIZE]
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled.amax(dim=-1)).all()):  # a tiny temperature overflowed float32:
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)).double() / temperature  # the same distribution
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        sorted_probs = sorted_probs.double()  # float32 sums drift by ulps: a token at the boundary would flip
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop_sorted = mass_before >= top_p  # the top token has mass_before 0 and always stays
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
@@ -162,9 +168,12 @@ def beam_search(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, num_bea
     A continuation's score is the sum of its tokens' log-probabilities divided by
     (number of new tokens) ** length_penalty, as in Hugging Face: above 0 favours longer
     continuations, below 0 shorter ones. A beam ends at `eos_id` (which is kept and counted)
-    or after `max_new_tokens`. Each step extends every live beam by every token, keeps each
-    ending at `eos_id` as a finished candidate and the `num_beams` best others as live beams.
-    Deterministic; with num_beams 1 and no eos_id it is greedy search. Returns (1, seq + new tokens).
+    or after `max_new_tokens`. Each step extends every live beam by every token and keeps the
+    `num_beams` best that do not end at `eos_id` as live beams; the best ending at `eos_id`
+    becomes a finished candidate only when it ranks among the step's `num_beams` best, as in
+    Hugging Face transformers (so with length_penalty <= 0 an unlikely end of text does not win
+    by being short). Ids beyond GPT-2's 50,257 are never chosen. Deterministic; with num_beams 1
+    and no eos_id it is greedy search. Returns (1, seq + new tokens).
     """
     if idx.shape[0] != 1:
         raise ValueError(f"beam search takes one prompt, got a batch of {idx.shape[0]}")
@@ -186,11 +195,13 @@ def beam_search(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, num_bea
 
     with eval_mode(model), autocast(idx.device, autocast_dtype):
         for _ in range(max_new_tokens):
-            log_probs = torch.log_softmax(next_logits(model, beams, cache), dim=-1)
+            log_probs = torch.log_softmax(next_logits(model, beams, cache)[:, :GPT2_VOCAB_SIZE], dim=-1)
             candidates = beam_scores[:, None] + log_probs  # (live beams, vocab)
             if eos_id is not None:  # beams ending here all have the same length: the best one may win
                 row = int(candidates[:, eos_id].argmax())
-                consider(candidates[row, eos_id].item(), torch.cat([beams[row], beams.new_tensor([eos_id])]))
+                ended = candidates[row, eos_id]
+                if int((candidates > ended).sum()) < num_beams:
+                    consider(ended.item(), torch.cat([beams[row], beams.new_tensor([eos_id])]))
                 candidates[:, eos_id] = float("-inf")
             vocab = candidates.shape[1]
             beam_scores, flat = candidates.flatten().topk(min(num_beams, candidates.numel()))

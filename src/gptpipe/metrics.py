@@ -15,7 +15,7 @@ from gptpipe.errors import PipelineError
 from gptpipe.model import eval_mode
 from gptpipe.precision import autocast
 from gptpipe.tokenizer import token_byte_lengths
-from gptpipe.tokens import read_meta, read_tokens
+from gptpipe.tokens import read_meta, read_split, require_vocab
 
 
 def batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,9 +80,12 @@ def evaluate_splits(model: torch.nn.Module, tokens_dir: Path, stride: int, batch
         raise PipelineError(f"evaluate.max_tokens={max_tokens} is less than one window of "
                             f"{context_length} target tokens (the model's context length): raise it, "
                             f"or set it to null to evaluate every window")
+    meta = read_meta(tokens_dir)
+    require_vocab(meta, model.cfg.vocab_size, "the model's vocab_size",
+                  "it was not trained on these tokens; evaluate the model that pretrain makes from them")
     results = {}
-    for split in read_meta(tokens_dir)["splits"]:
-        tokens = read_tokens(tokens_dir / f"{split}.bin")
+    for split in meta["splits"]:
+        tokens = read_split(tokens_dir, split, meta)
         require_windows(len(tokens), context_length, split)
         if max_tokens is not None:
             tokens = first_windows(tokens, context_length, stride, max_tokens // context_length)

@@ -24,6 +24,11 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 AUTO = "auto"
 Auto = Literal["auto"]
 SCRATCH = "scratch"
+# The token ids the tokenize stage writes: GPT-2's, 0 .. 50256 (<|endoftext|>). A model may have
+# more (padding, e.g. 50304 for speed), never fewer.
+GPT2_VOCAB_SIZE = 50257
+INT64_MAX = 2**63 - 1  # every integer param must fit in torch's int64; seeds are in [0, INT64_MAX]
+MAX_LENGTH_PENALTY = 10.0  # beam search divides by new_tokens ** length_penalty: 10**30 ** 10 still fits a float
 
 
 def require(ok: bool, key: str, message: str) -> None:
@@ -60,6 +65,14 @@ class GPTConfig:
         require(self.emb_dim % self.n_heads == 0, f"model.n_heads ({self.n_heads})",
                 f"must divide model.emb_dim ({self.emb_dim}); e.g. emb_dim 768 with n_heads 12")
         require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+
+    @property
+    def n_parameters(self) -> int:
+        """The parameter count of gptpipe.model.GPTModel with this config, without building it."""
+        emb = self.emb_dim
+        block = 12 * emb * emb + 10 * emb + (3 * emb if self.qkv_bias else 0)  # attention, feed-forward, 2 norms
+        heads = 1 if self.tie_embeddings else 2  # token embedding, and the output head unless tied
+        return heads * self.vocab_size * emb + self.context_length * emb + self.n_layers * block + 2 * emb
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,9 @@ class ModelParams:
     init_from: str
 
     def __post_init__(self) -> None:
+        require(self.vocab_size == AUTO or self.vocab_size >= GPT2_VOCAB_SIZE, "model.vocab_size",
+                f"({self.vocab_size}) must be at least {GPT2_VOCAB_SIZE}, the number of GPT-2 token ids the "
+                f"tokenize stage writes; use auto, {GPT2_VOCAB_SIZE}, or more for padding (e.g. 50304)")
         require(bool(self.init_from.strip()), "model.init_from",
                 "is empty: use scratch, gpt2 (or gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face repo id, "
                 "a model.safetensors of this pipeline, a Hugging Face GPT-2 directory or a model.pth of the "
@@ -160,8 +176,12 @@ class TrainParams:
         require(self.warmup_steps >= 0 and (self.warmup_steps < 1 or self.warmup_steps.is_integer()),
                 "train.warmup_steps", f"must be a whole number of steps or a fraction below 1 of all "
                 f"steps, got {self.warmup_steps}")
-        for key in ("initial_lr", "min_lr"):
-            require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        for key, meaning in (("initial_lr", "the warmup rises from it to train.lr"),
+                             ("min_lr", "the cosine decays from train.lr to it")):
+            value = getattr(self, key)
+            require(0 <= value <= self.lr, f"train.{key}",
+                    f"({value}) must be in [0, train.lr] = [0, {self.lr}]: {meaning}")
+        require_seed(self.seed, "train.seed")
         require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
                 f"must be null (no clipping) or positive, got {self.grad_clip}")
         for key in ("max_steps", "checkpoint_every"):
@@ -206,8 +226,17 @@ class SampleParams:
         require(self.num_beams == 1 or self.temperature == 0, "sample.num_beams",
                 f"({self.num_beams}) runs beam search, which is deterministic: set sample.temperature "
                 f"to 0 (top_k and top_p are then unused), or num_beams to 1 to sample")
-        require(math.isfinite(self.length_penalty), "sample.length_penalty",
-                f"must be a finite number (1 is neutral), got {self.length_penalty}")
+        require(-MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY, "sample.length_penalty",
+                f"must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}] (1 is neutral; far beyond, the "
+                f"length's power in the beam score overflows), got {self.length_penalty}")
+        require_seed(self.seed, "sample.seed")
+
+
+def require_seed(seed: int, key: str) -> None:
+    """torch takes seeds in [-2**63, 2**64), numpy in [0, 2**32); a seed here is in [0, 2**63 - 1],
+    so that seed + i (sample i, the distributed sampler's epoch i) stays in torch's range."""
+    require(0 <= seed <= INT64_MAX, key,
+            f"must be a whole number from 0 to 2**63 - 1 ({INT64_MAX}), got {seed}")
 
 
 @dataclass(frozen=True)
@@ -219,14 +248,44 @@ class Params:
     sample: SampleParams
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    would keep the last value, while DVC refuses the file."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise DuplicateKeyError(problem=f"key {key!r} is given a second time (first on line "
+                                                f"{lines[key]}), which DVC refuses: keep one of them",
+                                        problem_mark=key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise PipelineError(f"params file {path} not found: run from the project root or pass --params")
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8")
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        fix = "" if isinstance(e, DuplicateKeyError) else "; fix the YAML there"
+        raise PipelineError(f"{path}{where}: {e.problem or e.context}{fix}")
     except yaml.YAMLError as e:
-        raise PipelineError(f"{path} is not valid YAML: {e}")
+        raise PipelineError(f"{path} is not valid YAML: {' '.join(str(e).split())}")
     if not isinstance(raw, dict):
         raise PipelineError(f"{path} must map stage groups to their keys, got {type(raw).__name__}")
     return parse_section(Params, "", raw)
@@ -278,15 +337,20 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
     if kind is bool and isinstance(value, bool):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > INT64_MAX:
+            raise PipelineError(f"params: {key} is {value}, beyond a 64-bit integer (at most {INT64_MAX} "
+                                f"either way); use a smaller value")
         return value
-    if kind is float and not isinstance(value, bool):
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    if kind is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number: float | None = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        except ValueError:
+            number = None
+        if number is not None:
+            require(math.isfinite(number), key, f"must be a finite number, got {value!r}")
+            return number
     if kind is str and isinstance(value, str):
         return value
     raise PipelineError(f"params: {key} must be {kind.__name__}{' or auto' if auto else ''}, got {value!r} "

@@ -4,15 +4,17 @@ Layered as setup (the model, optimizer, loaders and schedule the params describe
 that tests and benchmarks call to build exactly what the stage builds) → `pretrain` (resume,
 the loop, the outputs) → gptpipe.train.train (the loop itself).
 
-A resumable state is saved every train.checkpoint_every steps and on Ctrl-C/SIGTERM under
-paths.resume_dir; a later run with the same params and tokens resumes from it. The model
-file (paths.model) holds weights and config only.
+A resumable state is saved every train.checkpoint_every steps, on Ctrl-C/SIGTERM, and before
+the outputs are written, under paths.resume_dir; a later run with the same params and tokens
+resumes from it (so a failed write of the outputs costs a re-run of the writes, not of the
+training). The model file (paths.model) holds weights and config only.
 """
 
 import importlib
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,17 +22,18 @@ import torch
 
 from gptpipe.checkpoint import save_model
 from gptpipe.data import require_windows, window_loader
-from gptpipe.device import hold_freed_memory, resolve_device
+from gptpipe.device import hold_freed_memory, require_memory, resolve_device
 from gptpipe.distributed import AgreedStop, Processes, data_parallel, process_group, same_on_all, sharded_loader
-from gptpipe.errors import PipelineError
+from gptpipe.errors import PipelineError, os_error_message
+from gptpipe.files import written_together
 from gptpipe.generate import generate
 from gptpipe.model import GPTModel
-from gptpipe.params import ModelParams, Params, TrainParams
+from gptpipe.params import ModelParams, Params, TrainParams, resolve_architecture
 from gptpipe.precision import allow_fast_float32, book_dropout, cheap_dropout_masks, resolve_precision
 from gptpipe.report import TrainingReport
 from gptpipe.resume import fingerprint, load_state, save_state
 from gptpipe.tokenizer import decode, encode_prompt
-from gptpipe.tokens import read_tokens
+from gptpipe.tokens import read_meta, read_split
 from gptpipe.train import (Hooks, Loaders, LoopSettings, LRSchedule, Parallel, StopRequested, TrainingStopped,
                            TrainState, train, warmup_steps)
 from gptpipe.weights import initial_model
@@ -62,6 +65,10 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused
 def setup_model(model_params: ModelParams, opts: TrainParams, device: torch.device
                 ) -> tuple[GPTModel, torch.optim.AdamW, torch.dtype | None]:
     """The initial model on `device`, its optimizer, and the autocast dtype (None: fp32)."""
+    # weights, gradients and AdamW's two moments: 16 bytes each (`auto` keys counted as the book's)
+    n = resolve_architecture(model_params).n_parameters
+    require_memory(16 * n, device, f"training a model of {n:,} parameters", "make model.emb_dim, "
+                   "model.n_layers, model.vocab_size or model.context_length smaller")
     allow_fast_float32(device, opts.precision)
     # The optimizer's first call imports torch's compiler (torch._dynamo: seconds of Python);
     # importing it on another thread while the weights are drawn (C++, which releases the
@@ -83,7 +90,8 @@ def make_loaders(tokens_dir: Path, context_length: int, opts: TrainParams, proce
                  device: torch.device) -> Loaders:
     """As in the book: training batches shuffled, the last partial one dropped; validation in
     order, every window. Under DDP each process loads its share of every global batch."""
-    tokens = {split: read_tokens(tokens_dir / f"{split}.bin") for split in ("train", "val")}
+    meta = read_meta(tokens_dir)
+    tokens = {split: read_split(tokens_dir, split, meta) for split in ("train", "val")}
     for split, ids in tokens.items():
         require_windows(len(ids), context_length, split)
     shape = dict(context_length=context_length, stride=opts.stride, batch_size=opts.batch_size,
@@ -143,6 +151,7 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
     run_id = fingerprint(params, meta.read_bytes() if meta.exists() else b"",
                          processes.world_size if processes.distributed else None)
     state = load_state(paths.resume_state, run_id, model, optimizer, device)
+    resumed_step = state.step if state else 0
     if processes.distributed and not same_on_all(state.step if state else -1, device):
         raise PipelineError(f"the processes found different resumable states in {paths.resume_state}: it "
                             f"must be the same file on every machine (a shared filesystem), or absent on "
@@ -158,23 +167,41 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
         parallel = Parallel(processes.world_size, processes.is_main, forward.no_sync)
     if opts.compile:
         forward = torch.compile(forward)
+    def keep_training() -> None:  # when the outputs cannot be written
+        if state.step > resumed_step:
+            save_state(paths.resume_state, run_id, model, optimizer, state)
+
     stop = AgreedStop(device) if processes.distributed else StopRequested()
     report = TrainingReport(schedule, paths.plots, paths.metrics, model.cfg, parameters)
-    if state is not None and processes.is_main:
-        report.write(state)  # a resumed run's curves so far, until its next evaluation
+    if processes.is_main:  # before training, so that a path in the way stops the stage now, not later:
+        paths.resume_dir.mkdir(parents=True, exist_ok=True)  # where the training is kept
+        report.write(state or TrainState())  # the curves so far (none, or a resumed run's)
     hooks = Hooks(save_state=lambda s: save_state(paths.resume_state, run_id, model, optimizer, s),
                   on_epoch_end=log_sample, on_evaluation=report.write, stop=stop)
     try:
-        with stop.installed():
+        with stop.installed():  # over the final writes too: a stop request lets them finish
             state = train(model, optimizer, loaders, loop_settings(opts), schedule, device=device,
                           amp_dtype=amp_dtype, state=state, hooks=hooks, parallel=parallel, forward=forward)
+            if processes.is_main:
+                write_outputs(model, state, opts.epochs, report, paths, keep_training)
     except TrainingStopped as e:
         raise PipelineError(f"{e}; the state is saved in {paths.resume_state}: run the stage again "
                             f"(dvc repro) to resume") from e
-
-    if processes.is_main:
-        save_model(paths.model, model, step=state.step, epoch=min(state.epoch, opts.epochs),
-                   tokens_seen=state.tokens_seen)
-        report.write(state, figures=True)
-        paths.resume_state.unlink(missing_ok=True)
     return state
+
+
+def write_outputs(model: GPTModel, state: TrainState, epochs: int, report: TrainingReport, paths: PretrainPaths,
+                  keep_training: Callable[[], None]) -> None:
+    """The model and the report, landing together; then the resumable state is no longer needed.
+    If they cannot be written, `keep_training` saves the resumable state first (only then: it is
+    the optimizer's moments too, three times the model), so the training is not lost."""
+    try:
+        with written_together():
+            save_model(paths.model, model, step=state.step, epoch=min(state.epoch, epochs),
+                       tokens_seen=state.tokens_seen)
+            report.write(state, figures=True)
+    except OSError as e:
+        keep_training()
+        raise PipelineError(f"{os_error_message(e)}; the training is saved in {paths.resume_state}: run "
+                            f"the stage again to write the outputs without training again") from e
+    paths.resume_state.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gptpipe.files import atomic_open, atomic_path, write_json  # noqa: E402
+from gptpipe.files import atomic_open, atomic_path, write_json, written_together  # noqa: E402
 from gptpipe.metrics import perplexity  # noqa: E402
 from gptpipe.params import GPTConfig  # noqa: E402
 from gptpipe.train import LRSchedule, TrainState  # noqa: E402
@@ -58,21 +58,22 @@ class TrainingReport:
                                     "val_perplexity": perplexity(record.val_loss)})
         for step in range(len(self.rows["lr.csv"]), state.step):
             self.add("lr.csv", {"step": step, "lr": self.schedule.lr_at(step)})
-        for name, lines in self.lines.items():
-            with atomic_open(self.plots_dir / name) as f:
-                f.write("".join(lines))
-        if figures:
-            for name, (table, x, ys, ylabel) in FIGURES.items():
-                self.save_figure(table, x, ys, ylabel, self.plots_dir / "figures" / name)
         last = state.records[-1] if state.records else None
-        write_json(self.metrics_path, {
-            "loss": {"train": last.train_loss if last else None, "val": last.val_loss if last else None},
-            "steps": state.step,
-            "tokens_seen": state.tokens_seen,
-            "tokens_per_second": round(state.tokens_seen / state.seconds, 1) if state.seconds else None,
-            "wall_seconds": round(state.seconds, 2),
-            "architecture": self.architecture,  # not "model", which dvc exp show would mix with the params
-        })
+        with written_together():  # the curves and the metrics of one moment, or none of them
+            for name, lines in self.lines.items():
+                with atomic_open(self.plots_dir / name) as f:
+                    f.write("".join(lines))
+            if figures:
+                for name, (table, x, ys, ylabel) in FIGURES.items():
+                    self.save_figure(table, x, ys, ylabel, self.plots_dir / "figures" / name)
+            write_json(self.metrics_path, {
+                "loss": {"train": last.train_loss if last else None, "val": last.val_loss if last else None},
+                "steps": state.step,
+                "tokens_seen": state.tokens_seen,
+                "tokens_per_second": round(state.tokens_seen / state.seconds, 1) if state.seconds else None,
+                "wall_seconds": round(state.seconds, 2),
+                "architecture": self.architecture,  # not "model", which dvc exp show would mix with the params
+            })
 
     def add(self, table: str, values: dict[str, Any]) -> None:
         row = tuple(values[column] for column in self.columns[table])

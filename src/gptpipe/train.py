@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gptpipe.errors import PipelineError
+from gptpipe.errors import PipelineError, interruption
 from gptpipe.metrics import batch_loss, evaluate_loader
 from gptpipe.precision import autocast
 
@@ -102,7 +102,7 @@ class StopRequested:
 
     def handle(self, signum: int, frame) -> None:
         if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+            raise interruption(signum)
         self.signal = signum
 
 

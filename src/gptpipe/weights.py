@@ -28,9 +28,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptpipe.checkpoint import read_model_file, torch_load
+from gptpipe.checkpoint import SAFETENSORS, TORCH_FILE, file_kind, read_model_file, require_usable_weights, torch_load
 from gptpipe.errors import PipelineError
-from gptpipe.files import atomic_path, write_json
+from gptpipe.files import atomic_path, write_json, written_together
 from gptpipe.hub import download, parse_hub_id
 from gptpipe.model import GPTModel, from_book_state_dict
 from gptpipe.params import AUTO, SCRATCH, GPTConfig, ModelParams, resolve_architecture
@@ -98,8 +98,13 @@ def initial_model(requested: GPTConfig | ModelParams, init_from: str) -> GPTMode
         log.info(f"keeping the first {cfg.context_length} of the checkpoint's "
                  f"{found['context_length']} position embeddings (model.context_length)")
         state["pos_emb.weight"] = state["pos_emb.weight"][:cfg.context_length]
+    require_usable_weights(state, f"model.init_from={init_from}", f"expected {ACCEPTED}")
     model = GPTModel(cfg)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # shapes inside the checkpoint that contradict its own architecture
+        raise PipelineError(f"model.init_from: the weights in {init_from} do not fit the architecture they "
+                            f"describe ({str(e).splitlines()[-1].strip()}); expected {ACCEPTED}") from e
     log.info(f"initial weights from {init_from}")
     return model
 
@@ -118,14 +123,19 @@ def checkpoint_path(init_from: str) -> Path:
 
 def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The architecture (GPTConfig fields) a checkpoint determines, and its weights under our names."""
+    if not path.exists():
+        raise PipelineError(f"model.init_from: {path} does not exist; give {ACCEPTED}")
     if path.is_dir():
         if not (path / HF_CONFIG).is_file():
             raise PipelineError(f"model.init_from: directory {path} has no {HF_CONFIG}; expected {ACCEPTED}")
         return read_hf_gpt2(path)
-    if path.is_file() and path.suffix == ".safetensors":
+    kind = file_kind(path)  # by content: a renamed file is still read as what it is
+    if kind == SAFETENSORS:
         config, state, _ = read_model_file(path)
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "drop_rate"}, state
-    return read_book_checkpoint(path)
+    if kind == TORCH_FILE:
+        return read_book_checkpoint(path)
+    raise PipelineError(f"model.init_from: {path} is {kind}, not a checkpoint; expected {ACCEPTED}")
 
 
 # ---------------------------------------------------------------- Hugging Face GPT-2
@@ -137,6 +147,8 @@ def read_hf_gpt2(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise PipelineError(f"model.init_from: {directory} has no {HF_WEIGHTS}; download the "
                             f"safetensors file (a pytorch_model.bin is not read: unpickling it "
                             f"could run code)")
+    if (kind := file_kind(weights)) != SAFETENSORS:
+        raise PipelineError(f"model.init_from: {weights} is {kind}, not a safetensors file")
     try:
         hf_state = load_file(weights)
     except (SafetensorError, OSError) as e:
@@ -155,9 +167,19 @@ def read_hf_gpt2(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def read_hf_config(path: Path) -> dict[str, Any]:
     try:
-        config = {**HF_DEFAULTS, **json.loads(path.read_text(encoding="utf-8"))}
-    except json.JSONDecodeError as e:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PipelineError(f"model.init_from: {path} is not valid JSON: {e}") from e
+    if not isinstance(found, dict):
+        raise PipelineError(f"model.init_from: {path} holds a JSON {type(found).__name__}, not the mapping "
+                            f"of a Hugging Face config.json")
+    config = {**HF_DEFAULTS, **found}
+    wrong = [key for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+             if type(config[key]) is not int or config[key] < 1]
+    if wrong or not isinstance(config["tie_word_embeddings"], bool):
+        key = wrong[0] if wrong else "tie_word_embeddings"
+        raise PipelineError(f"model.init_from: {path} sets {key} to {config[key]!r}, which is not a "
+                            f"{'positive whole number' if wrong else 'boolean'}")
     if config.get("model_type") != "gpt2":
         raise PipelineError(f"model.init_from: {path} describes a {config.get('model_type')!r} model; "
                             f"only GPT-2 (model_type gpt2) has the architecture of this pipeline's GPT")
@@ -258,9 +280,10 @@ def export_hf_gpt2(model: GPTModel, directory: str | Path) -> None:
     """Write `model` as a Hugging Face GPT-2 directory: config.json and model.safetensors."""
     directory = Path(directory)
     state = to_hf_state_dict(model.state_dict(), model.cfg)
-    with atomic_path(directory / HF_WEIGHTS) as tmp:
-        save_file(state, tmp, metadata={"format": "pt"})
-    write_json(directory / HF_CONFIG, hf_config(model.cfg))
+    with written_together():
+        with atomic_path(directory / HF_WEIGHTS) as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
+        write_json(directory / HF_CONFIG, hf_config(model.cfg))
 
 
 # ---------------------------------------------------------------- the book's checkpoints
