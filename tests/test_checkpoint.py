@@ -39,6 +39,14 @@ def test_round_trip_holds_weights_config_and_progress_only(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
+def test_the_same_model_gives_the_same_bytes(tmp_path):
+    """DVC hashes the file: its header must not come out in a different order each time."""
+    model = trained_model()
+    for i in range(8):
+        save_model(tmp_path / f"{i}.safetensors", model, step=1, epoch=1)
+    assert len({(tmp_path / f"{i}.safetensors").read_bytes() for i in range(8)}) == 1
+
+
 def test_missing_truncated_and_foreign_files(tmp_path):
     with pytest.raises(PipelineError, match="not found: run the pretrain stage"):
         load_model(tmp_path / "nope.safetensors", torch.device("cpu"))

@@ -392,6 +392,8 @@ INPUTS = {  # case: (stage, how to spoil its input in ws (and the corpus), what 
     "source a folder of nothing": ("download", lambda ws, c: (write(ws / "src", None), (ws / "src/inside.txt").unlink(),
                                                               write_params(ws / "params.yaml", HOSTILE, ws / "src")),
                                    ["is a directory that holds no files"]),
+    "source a device": ("download", lambda ws, c: write_params(ws / "params.yaml", HOSTILE, Path(os.devnull)),
+                        ["which is neither a file nor a directory (a device or a pipe?)"]),
     "source not gzip": ("download", lambda ws, c: (write(ws / "src.gz", "plain text"), write_params(
         ws / "params.yaml", HOSTILE, ws / "src.gz")), ["is not a valid gzip file", "rename it"]),
     # tokenize: the corpus
@@ -480,6 +482,9 @@ INPUTS = {  # case: (stage, how to spoil its input in ws (and the corpus), what 
     "init_from a truncated model file": ("pretrain", lambda ws, c: (cut(ws / "model.safetensors", 1000),
                                                                     init_from(ws, c, ws / "model.safetensors")),
                                          ["not a readable safetensors file"]),
+    "init_from a dict of numbers": ("pretrain", lambda ws, c: (torch.save({"tok_emb.weight": 5}, ws / "w.pth"),
+                                                               init_from(ws, c, ws / "w.pth")),
+                                    ["w.pth holds a 'tok_emb.weight' but not the tensors of the book's GPTModel"]),
     "init_from a folder without config.json": ("pretrain", lambda ws, c: (write(ws / "hf", None),
                                                                           init_from(ws, c, ws / "hf")),
                                                ["directory", "has no config.json; expected scratch"]),

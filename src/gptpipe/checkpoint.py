@@ -41,9 +41,9 @@ def save_model(path: str | Path, model: GPTModel, **progress: int) -> None:
     if model.cfg.tie_embeddings:
         del state["out_head.weight"]  # the same tensor as tok_emb.weight
     header = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(model.cfg), "progress": progress}
+    # One metadata entry: safetensors writes several in a random order (a Rust HashMap), so the
+    # same model gave different bytes from run to run, and DVC a different hash.
     with atomic_path(path) as tmp:
-        # One metadata entry: safetensors writes several in a random order, and the same run
-        # must give the same bytes.
         save_file({key: value.detach().contiguous() for key, value in state.items()}, tmp,
                   metadata={HEADER_KEY: json.dumps(header)})
 

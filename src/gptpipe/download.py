@@ -104,6 +104,9 @@ def expand(source: Source) -> list[Source]:
     elif any(c in str(path) for c in "*?["):
         what = "a glob"
         files = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if p.is_file())
+    elif path.exists():
+        raise PipelineError(f"data.url points to {path}, which is neither a file nor a directory (a "
+                            f"device or a pipe?); set data.url to the corpus file, a directory or a glob")
     else:
         raise PipelineError(f"data.url points to {path}, which is missing; set data.url to the corpus "
                             f"file, a directory or a glob (relative paths start at the project root)")

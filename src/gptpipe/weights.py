@@ -299,6 +299,10 @@ def read_book_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         raise PipelineError(f"model.init_from: {path} is not a checkpoint of the book's GPTModel "
                             f"(no 'tok_emb.weight'); expected {ACCEPTED}")
     state = from_book_state_dict(loaded)
+    if not all(isinstance(value, torch.Tensor) for value in state.values()) or state["tok_emb.weight"].ndim != 2 \
+            or state.get("pos_emb.weight", torch.zeros(0)).ndim != 2:
+        raise PipelineError(f"model.init_from: {path} holds a 'tok_emb.weight' but not the tensors of the book's "
+                            f"GPTModel (each a tensor, the embeddings two-dimensional); expected {ACCEPTED}")
     vocab_size, emb_dim = state["tok_emb.weight"].shape
     found = {
         "vocab_size": vocab_size,
