@@ -93,3 +93,18 @@ def test_tied_embeddings_are_stored_once_and_stay_one_parameter(tmp_path):
     loaded, _ = load_model(tmp_path / "tied.safetensors", torch.device("cpu"))
     assert loaded.out_head.weight is loaded.tok_emb.weight
     assert torch.equal(loaded.out_head.weight, model.out_head.weight)
+
+
+def test_weights_whose_sum_overflows_are_still_finite(tmp_path):
+    """The finiteness check sums each tensor first; a sum that overflows is not a NaN weight."""
+    model = trained_model()
+    with torch.no_grad():
+        model.final_norm.weight.fill_(3e38)  # finite, but 16 of them sum to inf in float32
+    save_model(tmp_path / "huge.safetensors", model, step=1)
+    loaded, _ = load_model(tmp_path / "huge.safetensors", torch.device("cpu"))
+    assert torch.equal(loaded.final_norm.weight, model.final_norm.weight)
+    with torch.no_grad():
+        model.final_norm.weight[3] = float("nan")
+    save_model(tmp_path / "nan.safetensors", model, step=1)
+    with pytest.raises(PipelineError, match="final_norm.weight holds NaN or infinite values"):
+        load_model(tmp_path / "nan.safetensors", torch.device("cpu"))
