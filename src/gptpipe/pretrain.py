@@ -4,10 +4,10 @@ Layered as setup (the model, optimizer, loaders and schedule the params describe
 that tests and benchmarks call to build exactly what the stage builds) → `pretrain` (resume,
 the loop, the outputs) → gptpipe.train.train (the loop itself).
 
-A resumable state is saved every train.checkpoint_every steps, on Ctrl-C/SIGTERM, and before
-the outputs are written, under paths.resume_dir; a later run with the same params and tokens
-resumes from it (so a failed write of the outputs costs a re-run of the writes, not of the
-training). The model file (paths.model) holds weights and config only.
+A resumable state is saved every train.checkpoint_every steps, on Ctrl-C/SIGTERM, and when
+the outputs cannot be written, under paths.resume_dir; a later run with the same params and
+tokens resumes from it (so a failed write of the outputs costs a re-run of the writes, not of
+the training). The model file (paths.model) holds weights and config only.
 """
 
 import importlib
@@ -167,6 +167,7 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
         parallel = Parallel(processes.world_size, processes.is_main, forward.no_sync)
     if opts.compile:
         forward = torch.compile(forward)
+
     def keep_training() -> None:  # when the outputs cannot be written
         if state.step > resumed_step:
             save_state(paths.resume_state, run_id, model, optimizer, state)

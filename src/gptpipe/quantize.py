@@ -3,10 +3,10 @@ CPU decoding is bound by memory, not arithmetic.
 
 `int8` stores each nn.Linear's weight as int8 with a scale per output channel and quantizes
 the activations on the fly (dynamic quantization), through torch's own quantized kernels
-(fbgemm: AVX2, AVX-512 VNNI). torchao, its announced successor, was measured too: its CPU
-int8 paths ran 4x (weights and activations) and 10x (weights only) slower than fp32 in eager
-mode on the AVX2 machine of bench/bench_generate.py, since they rely on torch.compile to
-generate fused kernels, and compiling costs more than a sample stage's whole run. torch
+(fbgemm: AVX2, AVX-512 VNNI). torchao, its announced successor, was measured too
+(`python bench/bench_generate.py --torchao`): in eager mode its CPU int8 paths were slower
+than fp32 on an AVX2 CPU, since they rely on torch.compile to generate fused kernels, and
+compiling costs more than a sample stage's whole run. torch
 2.13 (pinned by this project) ships the fbgemm path, marked deprecated; bench/README.md
 lists its speed, its agreement with fp32's tokens and its effect on the loss.
 """
