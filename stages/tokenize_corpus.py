@@ -1,7 +1,8 @@
 """Stage tokenize: GPT-2 BPE token ids of the train, val (and test) splits, plus split metadata.
 
-The corpus is streamed and encoded on all cores; see gptpipe.corpus for how the splits are
-drawn (by characters for one document, by document for several).
+The corpus (the download stage's folder, or one corpus file) is streamed and encoded on all
+cores; see gptpipe.corpus for how the splits are drawn (by characters for one document, by
+document for several) and gptpipe.documents for what a document is.
 
 (Not named tokenize.py: run as a script, that name would shadow the standard library's
 tokenize module.)
@@ -20,15 +21,18 @@ log = logging.getLogger("tokenize")
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser(__doc__)
-    parser.add_argument("--corpus", default="data/raw/corpus.txt", help="the UTF-8 text to tokenize")
+    parser.add_argument("--corpus", default="data/raw",
+                        help="the download stage's folder (sources.json), or one text, JSON-lines or Parquet file")
     parser.add_argument("--out", default="data/tokens", help="directory for <split>.bin and meta.json")
     parser.add_argument("--workers", type=cli.positive_int, default=available_cores(),
                         help="encoding processes, at least 1 (the ids do not depend on it)")
     args = parser.parse_args(argv)
     data = load_params(args.params).data
 
-    meta = tokenize_corpus(args.corpus, args.out, data.train_ratio, data.test_ratio, workers=args.workers)
-    log.info(f"{meta['documents']:,} document(s), split by {meta['split']['by']}")
+    meta = tokenize_corpus(args.corpus, args.out, data.train_ratio, data.test_ratio, text_field=data.text_field,
+                           bad_rows=data.bad_rows, workers=args.workers)
+    skipped = f", {meta['skipped_rows']:,} row(s) without text skipped" if meta["skipped_rows"] else ""
+    log.info(f"{meta['documents']:,} document(s), split by {meta['split']['by']}{skipped}")
     for split, info in meta["splits"].items():
         log.info(f"{split}: {info['characters']:,} characters, {info['tokens']:,} tokens")
 

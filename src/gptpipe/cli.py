@@ -66,6 +66,7 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
     """Run a stage's main(argv) (None: the command line); every failure becomes one line on
     stderr and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # huggingface_hub's HTTP client logs every request
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main(argv)

@@ -1,22 +1,25 @@
-"""The corpus, streamed: where its documents and splits lie, and its GPT-2 token ids, encoded
-on all cores without ever holding the whole text or all the ids.
+"""The corpus, streamed: its documents, the splits, and their GPT-2 token ids, encoded on all
+cores without ever holding the whole text or all the ids.
 
-data/raw/corpus.txt is UTF-8 text: one document, or several joined by <|endoftext|>. The
-splits are contiguous, in the order train | val | test, over the N characters:
+The corpus is the download stage's folder (its manifest, gptpipe.sources) or one corpus file;
+its documents come from gptpipe.documents (a file of text, or a row). The splits are
+contiguous, in the order train | val | test:
 
-- one document: split by characters, as the book does. train is the first
-  int(train_ratio × N) characters; test (only when test_ratio > 0) starts at
-  int((1 - test_ratio) × N); val is what lies between.
-- several documents: each document goes whole to the split in whose character range (as
-  above) it starts; the <|endoftext|> between two splits belongs to neither.
+- a corpus of one document (the book's story) is split by characters, as the book does: train
+  is the first int(train_ratio × N) of its N characters; test (only when test_ratio > 0) starts
+  at int((1 - test_ratio) × N); val is what lies between.
+- several documents: each goes whole to the split in whose character range (as above, over the
+  documents' characters in order) it starts.
+- with data.val_url, its documents are the val split, and data.url's are train | test by
+  test_ratio, by the same rules.
 
-Each split is encoded on its own, as if its text were encoded in one call: the text is read
-in blocks and encoded in chunks cut only where GPT-2's pre-tokenizer cannot join across the
-cut (SAFE_CUT), so chunking never changes an id.
+A split of one document is encoded as if its text were encoded in one call (the book's ids).
+With several documents, each is encode_ordinary(document) followed by <|endoftext|>, as nanoGPT
+lays out its corpora: a literal <|endoftext|> in a document is text, never a boundary. Text is
+encoded in chunks cut only where GPT-2's pre-tokenizer cannot join across the cut (SAFE_CUT),
+so chunking never changes an id.
 """
 
-import codecs
-import hashlib
 import os
 import re
 import signal
@@ -34,9 +37,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from gptpipe.documents import BadRows, RowRules, document_blocks
+from gptpipe.download import hash_local
 from gptpipe.errors import PipelineError
 from gptpipe.files import write_json, written_together
-from gptpipe.tokenizer import END_OF_TEXT, encode, gpt2_encoding
+from gptpipe.sources import CorpusFile, read_manifest
+from gptpipe.tokenizer import gpt2_encoding
 from gptpipe.tokens import TOKEN_DTYPE, token_writer
 
 READ_BYTES = 1 << 20
@@ -55,99 +61,8 @@ CHUNK_CHARS = 1 << 20
 SAFE_CUT = re.compile(r"(?<=\S)[ \t\n\r]")
 
 
-@dataclass(frozen=True)
-class CorpusScan:
-    sha256: str
-    bytes: int
-    characters: int
-    document_starts: np.ndarray  # the character offset at which each document begins; [0] first
-
-
-@dataclass(frozen=True)
-class Split:
-    name: str
-    start: int  # its characters are the corpus's [start, end)
-    end: int
-    documents: int  # documents wholly or partly in it
-
-
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def text_blocks(path: Path) -> Iterator[tuple[bytes, str]]:
-    """The raw bytes of `path` and their text, block by block; a character cut by a block
-    boundary is decoded with the next block. Ends with an empty block."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise PipelineError(f"corpus {path} not found: run the download stage first (dvc repro download)")
-    with f:
-        while True:
-            raw = f.read(READ_BYTES)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise PipelineError(f"{path} is not UTF-8 ({e.reason} near byte {offset + e.start}); "
-                                    f"convert it, e.g. `iconv -f latin1 -t utf-8`, and point data.url "
-                                    f"at the result") from e
-            yield raw, text
-            if not raw:
-                return
-            offset += len(raw)
-
-
-def scan_corpus(path: str | Path) -> CorpusScan:
-    """One pass over the corpus: its SHA-256, size, and where its documents begin."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    n_bytes = n_chars = 0
-    starts = array("q", [0])
-    tail = ""  # the end of the text before this block, where a separator may begin
-    has_text = False
-    for raw, text in text_blocks(path):
-        digest.update(raw)
-        n_bytes += len(raw)
-        window = tail + text
-        window_start = n_chars - len(tail)
-        found = window.find(END_OF_TEXT)
-        while found >= 0:
-            starts.append(window_start + found + len(END_OF_TEXT))
-            found = window.find(END_OF_TEXT, found + len(END_OF_TEXT))
-        has_text = has_text or (text != "" and not text.isspace())
-        n_chars += len(text)
-        tail = window[-(len(END_OF_TEXT) - 1):]
-    if not has_text:
-        raise PipelineError(f"{path} is empty: check data.url")
-    return CorpusScan(digest.hexdigest(), n_bytes, n_chars, np.frombuffer(starts, dtype=np.int64))
-
-
-def plan_splits(scan: CorpusScan, train_ratio: float, test_ratio: float = 0.0) -> list[Split]:
-    """The character range of each split (see the module's docstring)."""
-    names = ["train", "val", "test"] if test_ratio > 0 else ["train", "val"]
-    n = scan.characters
-    cuts = [int(train_ratio * n), int((1 - test_ratio) * n)] if test_ratio > 0 else [int(train_ratio * n)]
-    starts = scan.document_starts
-    if len(starts) == 1:
-        bounds = [0, *cuts, n]
-        return [Split(name, a, b, 1) for name, a, b in zip(names, bounds, bounds[1:])]
-    # The index of the first document of each split: the first to start at or after its cut.
-    firsts = [0, *(int(i) for i in np.searchsorted(starts, cuts, side="left")), len(starts)]
-    ratios = [0.0, *(c / n for c in cuts), 1.0]
-    splits = []
-    for k, name in enumerate(names):
-        first, stop = firsts[k], firsts[k + 1]
-        if stop <= first:
-            raise PipelineError(
-                f"the {name} split gets no document: of the corpus's {len(starts)} documents (joined "
-                f"by <|endoftext|>), each goes whole to the split where it starts, and none starts in "
-                f"the {name} part of the text ({ratios[k]:.1%} to {ratios[k + 1]:.1%} of the "
-                f"characters). Change data.train_ratio or data.test_ratio, or use more documents")
-        end = int(starts[stop]) - len(END_OF_TEXT) if stop < len(starts) else n
-        splits.append(Split(name, int(starts[first]), end, stop - first))
-    return splits
 
 
 def cut_chunks(text: str, chunk_chars: int) -> tuple[list[str], str]:
@@ -159,50 +74,177 @@ def cut_chunks(text: str, chunk_chars: int) -> tuple[list[str], str]:
     return chunks, text[start:]
 
 
-def split_pieces(path: str | Path, splits: Sequence[Split],
-                 chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[int, str]]:
-    """(split index, text) in corpus order: each split's text in chunks (see cut_chunks), the
-    last one of each split possibly shorter; text outside every split is left out.
-
-    Holds about two chunks at a time, more only where text runs on without a SAFE_CUT."""
-    k = 0
-    pending = ""
-    offset = 0  # of this block's first character in the corpus
-    for _, text in text_blocks(Path(path)):
-        end = offset + len(text)
-        while k < len(splits):
-            lo, hi = max(splits[k].start, offset), min(splits[k].end, end)
-            if lo < hi:
-                pending += text[lo - offset:hi - offset]
-            if splits[k].end > end:
-                break  # the split goes on in the next block
-            chunks, rest = cut_chunks(pending, chunk_chars)
-            yield from ((k, chunk) for chunk in chunks)
-            if rest:
-                yield k, rest
-            pending = ""
-            k += 1
-        chunks, pending = cut_chunks(pending, chunk_chars)
-        yield from ((k, chunk) for chunk in chunks)
-        offset = end
 
 
-def encode_ids(text: str) -> np.ndarray:
-    """tokenizer.encode's ids as an array (tiktoken >= 0.9 builds it without a Python list)."""
+def corpus_files(corpus: Path) -> list[tuple[CorpusFile, Path]]:
+    """Each file of the corpus and where its bytes are on this machine: the files of the download
+    stage's manifest when `corpus` is its folder (a Hub file is fetched into huggingface_hub's
+    cache if it is not there), else `corpus` itself, a corpus file of any format."""
+    if not corpus.exists():
+        raise PipelineError(f"corpus {corpus} not found: run the download stage first (dvc repro download)")
+    if not corpus.is_dir():
+        return [(CorpusFile(str(corpus), str(corpus), None, corpus.stat().st_size, ""), corpus)]
+    located = []
+    for file in read_manifest(corpus):
+        if file.hub is not None:
+            from gptpipe.hub import dataset_file  # huggingface_hub is imported only for Hub files
+            path = dataset_file(file.hub["repo"], file.hub["commit"], file.hub["path"], "data.url")
+        else:
+            path = corpus / file.stored if file.stored else Path(file.local)
+        located.append((file, path))
+    return located
+
+
+@dataclass
+class Stream:
+    """The documents of data.url (`val` False) or of data.val_url (`val` True) and how they are
+    split: `names` are the splits in order, `bounds` where each begins, in documents when
+    `by_documents`, else in characters of the stream's one document."""
+    val: bool
+    lengths: array  # the characters of each document
+    names: list[str] | None = None
+    bounds: np.ndarray | None = None
+    by_documents: bool = True
+
+    def split_at(self, position: int) -> int:
+        """The index in `names` of the split holding document (or character) `position`."""
+        return int(np.searchsorted(self.bounds, position, side="right")) - 1
+
+
+def scan(files: Sequence[tuple[CorpusFile, Path]], rules: RowRules) -> dict[bool, Stream]:
+    """One pass over the corpus: each file checked against the SHA-256 the manifest records, and
+    the characters of every document, per stream."""
+    streams = {val: Stream(val, array("q")) for val in (False, True)}
+    for file, path in files:
+        if file.sha256 and hash_local(path, file.name)[0] != file.sha256:
+            cause = "changed since" if file.local else "is not the file"
+            raise PipelineError(f"{file.name} {cause} the download stage recorded it (sha256 {file.sha256}): "
+                                f"run the download stage again (dvc repro -f download), then the pipeline")
+        lengths = streams[file.split == "val"].lengths
+        for starts, text in document_blocks(path, file.name, rules):
+            if starts:
+                lengths.append(0)
+            lengths[-1] += len(text)
+    return streams
+
+
+def plan(streams: dict[bool, Stream], train_ratio: float, test_ratio: float) -> list[str]:
+    """Set each stream's splits (see the module's docstring); the names of all splits, in order."""
+    main, val = streams[False], streams[True]
+    if not main.lengths:
+        raise PipelineError("data.url holds no text (every file or row is empty): check data.url"
+                            + (" and data.text_field" if val.lengths else ""))
+    if val.lengths:
+        main.names, ratios = (["train", "test"], [1 - test_ratio]) if test_ratio > 0 else (["train"], [])
+        val.names, val.bounds, val.by_documents = ["val"], np.zeros(1, dtype=np.int64), len(val.lengths) > 1
+    else:
+        main.names = ["train", "val", "test"] if test_ratio > 0 else ["train", "val"]
+        ratios = [train_ratio, 1 - test_ratio] if test_ratio > 0 else [train_ratio]
+    lengths = np.frombuffer(main.lengths, dtype=np.int64)
+    n = int(lengths.sum())
+    cuts = [int(ratio * n) for ratio in ratios]
+    if len(lengths) == 1:
+        main.by_documents, main.bounds = False, np.array([0, *cuts], dtype=np.int64)
+    else:
+        # The first document of each split: the first to start at or after its cut.
+        starts = np.cumsum(lengths) - lengths
+        main.bounds = np.array([0, *np.searchsorted(starts, cuts, side="left")], dtype=np.int64)
+        edges = [*main.bounds.tolist(), len(lengths)]
+        for k, name in enumerate(main.names):
+            if edges[k + 1] <= edges[k]:
+                share = [0.0, *ratios, 1.0]
+                raise PipelineError(
+                    f"the {name} split gets no document: of the {len(lengths)} documents, each goes whole to the "
+                    f"split where it starts, and none starts in the {name} part of the text ({share[k]:.1%} to "
+                    f"{share[k + 1]:.1%} of the characters). Change data.train_ratio or data.test_ratio, or use "
+                    f"more documents")
+    return [*main.names[:1], *(["val"] if val.lengths else []), *main.names[1:]]
+
+
+def segments(files: Sequence[tuple[CorpusFile, Path]], streams: dict[bool, Stream],
+             rules: RowRules) -> Iterator[tuple[tuple, str, bool, str]]:
+    """(segment, split name, whether it ends with <|endoftext|>, text) in corpus order. A segment
+    is the text encoded as one: a document, or the part of a one-document stream in one split."""
+    document = {False: -1, True: -1}
+    offset = 0  # characters into the current document
+    for file, path in files:
+        stream = streams[file.split == "val"]
+        for starts, text in document_blocks(path, file.name, rules):
+            if starts:
+                document[stream.val] += 1
+                offset = 0
+            if stream.by_documents:
+                k = stream.split_at(document[stream.val])
+                yield (stream.val, document[stream.val]), stream.names[k], True, text
+                continue
+            block_start, end = offset, offset + len(text)
+            while offset < end:  # the text up to the next split's first character, at a time
+                k = stream.split_at(offset)
+                stop = min(end, int(stream.bounds[k + 1])) if k + 1 < len(stream.bounds) else end
+                yield (stream.val, k), stream.names[k], False, text[offset - block_start:stop - block_start]
+                offset = stop
+
+
+def pieces(segments: Iterable[tuple[tuple, str, bool, str]],
+           chunk_chars: int) -> Iterator[tuple[str, list[str], list[bool]]]:
+    """Work for the encoders: (split, texts, whether each ends with <|endoftext|>), each about
+    `chunk_chars` characters or a split's last; a segment is cut only at SAFE_CUT."""
+    split, texts, ends, size = None, [], [], 0
+    current, pending, eot = None, "", False
+
+    def finish(text: str, ends_segment: bool) -> Iterator[tuple[str, list[str], list[bool]]]:
+        nonlocal texts, ends, size
+        if not text and not ends_segment:
+            return
+        texts.append(text)
+        ends.append(ends_segment)
+        size += len(text)
+        if size >= chunk_chars:
+            yield split, texts, ends
+            texts, ends, size = [], [], 0
+
+    for segment, name, segment_eot, text in segments:
+        if segment != current:
+            if current is not None:
+                yield from finish(pending, eot)
+            if name != split and texts:
+                yield split, texts, ends
+                texts, ends, size = [], [], 0
+            current, split, eot, pending = segment, name, segment_eot, ""
+        chunks, pending = cut_chunks(pending + text, chunk_chars)
+        for chunk in chunks:
+            yield from finish(chunk, False)
+    if current is not None:
+        yield from finish(pending, eot)
+    if texts:
+        yield split, texts, ends
+
+
+def encode_texts(texts: Sequence[str], ends: Sequence[bool]) -> np.ndarray:
+    """The ids of `texts` in order, each encoded as ordinary text (a literal <|endoftext|> is
+    text), followed by the <|endoftext|> id where `ends` says so."""
     encoding = gpt2_encoding()
-    if hasattr(encoding, "encode_to_numpy"):
-        return encoding.encode_to_numpy(text, allowed_special={END_OF_TEXT})
-    return np.array(encode(text), dtype=np.uint32)
+    parts = []
+    for text, end in zip(texts, ends):
+        if hasattr(encoding, "encode_to_numpy"):  # tiktoken >= 0.9 builds it without a Python list
+            parts.append(encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
+        else:
+            parts.append(np.array(encoding.encode_ordinary(text), dtype=np.uint32))
+        if end:
+            parts.append(np.array([encoding.eot_token], dtype=np.uint32))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
 
-def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[tuple[int, str, np.ndarray]]:
-    """(key, text, ids) for each (key, text), in order, encoded in `workers` processes. Unlike
-    tiktoken's encode_batch, which takes every text at once, at most 2 × workers pieces are in
-    flight. Processes, not threads: on 2 cores, threads reached 1.5× one thread's speed and
-    processes 1.8-2.2× (tiktoken keeps the GIL for part of each call)."""
+def encode_pieces(work: Iterable[tuple[str, list[str], list[bool]]],
+                  workers: int) -> Iterator[tuple[str, list[str], list[bool], np.ndarray]]:
+    """(split, texts, ends, ids) for each piece of `work` (see pieces), in order, encoded by
+    encode_texts in `workers` processes. Unlike tiktoken's encode_batch, which takes every text at
+    once, at most 2 × workers pieces are in flight. Processes, not threads: on 2 cores, threads
+    reached 1.5× one thread's speed and processes 1.8-2.2× (tiktoken keeps the GIL for part of
+    each call)."""
     if workers == 1:
-        for key, text in pieces:
-            yield key, text, encode_ids(text)
+        for split, texts, ends in work:
+            yield split, texts, ends, encode_texts(texts, ends)
         return
     gpt2_encoding()  # loaded once here: forked workers inherit it
     pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_signals)
@@ -212,13 +254,13 @@ def encode_pieces(pieces: Iterable[tuple[int, str]], workers: int) -> Iterator[t
         with signals_held(), suppress(BrokenProcessPool):
             pool.submit(int)
         in_flight: deque = deque()
-        for key, text in pieces:
-            in_flight.append((key, text, pool.submit(encode_ids, text)))
+        for split, texts, ends in work:
+            in_flight.append((split, texts, ends, pool.submit(encode_texts, texts, ends)))
             if len(in_flight) >= 2 * workers:
-                done_key, done_text, done_ids = in_flight.popleft()
-                yield done_key, done_text, done_ids.result()
-        for done_key, done_text, done_ids in in_flight:
-            yield done_key, done_text, done_ids.result()
+                *done, ids = in_flight.popleft()
+                yield *done, ids.result()
+        for *done, ids in in_flight:
+            yield *done, ids.result()
     except BrokenProcessPool as e:
         raise PipelineError("an encoding process of the tokenize stage ended abruptly (killed, or out of "
                             "memory?): run the stage again, with fewer --workers if memory is short") from e
@@ -254,40 +296,58 @@ def worker_signals() -> None:
 
 
 def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float, test_ratio: float = 0.0,
-                    *, workers: int | None = None, chunk_chars: int = CHUNK_CHARS) -> dict[str, Any]:
+                    *, text_field: str = "text", bad_rows: BadRows = "error", workers: int | None = None,
+                    chunk_chars: int = CHUNK_CHARS) -> dict[str, Any]:
     """Write <split>.bin (flat token ids, see tokens.read_tokens) for train, val and, when
-    test_ratio > 0, test, then meta.json, into `out_dir`; return the meta."""
+    test_ratio > 0, test, then meta.json, into `out_dir`; return the meta. `corpus` is the
+    download stage's folder or one corpus file; `text_field` and `bad_rows` are gptpipe.documents'
+    RowRules."""
     corpus, out_dir = Path(corpus), Path(out_dir)
-    scan = scan_corpus(corpus)
-    splits = plan_splits(scan, train_ratio, test_ratio)
-    n_bytes = [0] * len(splits)
+    files = corpus_files(corpus)
+    rules = RowRules(text_field, bad_rows)
+    streams = scan(files, rules)
+    names = plan(streams, train_ratio, test_ratio)
+    encoding = gpt2_encoding()
+    counts = {name: {"documents": 0, "characters": 0, "bytes": 0} for name in names}
+    for stream in streams.values():
+        if not stream.lengths:
+            continue
+        lengths = np.frombuffer(stream.lengths, dtype=np.int64)
+        edges = [*stream.bounds.tolist(), len(lengths) if stream.by_documents else int(lengths.sum())]
+        for k, name in enumerate(stream.names):
+            counts[name]["documents"] = edges[k + 1] - edges[k] if stream.by_documents else 1
+            counts[name]["characters"] = int(lengths[edges[k]:edges[k + 1]].sum()) if stream.by_documents \
+                else edges[k + 1] - edges[k]
+    total_bytes = sum(file.bytes for file, _ in files)
     with written_together(), ExitStack() as stack:  # the token files and meta.json land together
-        writers = [stack.enter_context(token_writer(out_dir / f"{split.name}.bin")) for split in splits]
-        bar = stack.enter_context(tqdm(total=scan.bytes, unit="B", unit_scale=True, desc="tokenize", leave=False))
-        pieces = split_pieces(corpus, splits, chunk_chars)
+        writers = {name: stack.enter_context(token_writer(out_dir / f"{name}.bin")) for name in names}
+        bar = stack.enter_context(tqdm(total=sum(c["characters"] for c in counts.values()), unit="char",
+                                       unit_scale=True, desc="tokenize", leave=False))
+        work = pieces(segments(files, streams, RowRules(text_field, bad_rows)), chunk_chars)
         # closing: on an error the encoding processes stop now, not when the generator is collected
-        encoded = stack.enter_context(closing(encode_pieces(pieces, workers or available_cores())))
-        for k, text, ids in encoded:
-            writers[k].write(ids)
-            size = len(text.encode("utf-8"))
-            n_bytes[k] += size
-            bar.update(size)
+        encoded = stack.enter_context(closing(encode_pieces(work, workers or available_cores())))
+        for name, texts, ends, ids in encoded:
+            writers[name].write(ids)
+            # the bytes the ids stand for: the text's, and <|endoftext|>'s 13 (tokenizer.token_byte_lengths)
+            counts[name]["bytes"] += sum(len(t.encode("utf-8")) for t in texts) + \
+                sum(ends) * len(encoding.decode_single_token_bytes(encoding.eot_token))
+            bar.update(sum(len(t) for t in texts))
         meta = {
-            "source_sha256": scan.sha256,
             "tokenizer": "gpt2",
-            "vocab_size": gpt2_encoding().n_vocab,
+            "vocab_size": encoding.n_vocab,
             "dtype": TOKEN_DTYPE.__name__,
-            "split": {"by": "characters" if len(scan.document_starts) == 1 else "documents",
-                      "train_ratio": train_ratio, "test_ratio": test_ratio},
-            "documents": len(scan.document_starts),
-            "characters": scan.characters,
-            "bytes": scan.bytes,
-            "splits": {split.name: {"file": f"{split.name}.bin", "characters": split.end - split.start,
-                                    "bytes": n_bytes[k], "documents": split.documents,
-                                    "tokens": writers[k].count}
-                       for k, split in enumerate(splits)},
+            "split": {"by": "documents" if streams[False].by_documents else "characters",
+                      "train_ratio": None if streams[True].lengths else train_ratio, "test_ratio": test_ratio,
+                      "val": "data.val_url" if streams[True].lengths else "data.url"},
+            "documents": sum(len(s.lengths) for s in streams.values()),
+            "skipped_rows": rules.skipped,
+            "characters": sum(c["characters"] for c in counts.values()),
+            "bytes": total_bytes,
+            "sources": [{"name": file.name, "sha256": file.sha256, "bytes": file.bytes} for file, _ in files],
+            "splits": {name: {"file": f"{name}.bin", **counts[name], "tokens": writers[name].count}
+                       for name in names},
         }
         write_json(out_dir / "meta.json", meta)
-    if test_ratio == 0:
+    if "test" not in names:
         (out_dir / "test.bin").unlink(missing_ok=True)  # left by an earlier run with a test split
     return meta

@@ -1,22 +1,31 @@
-"""Fetch the corpus: one or several https/http/file URLs, local paths, directories or globs,
-each verified, gzip-decompressed when its name ends in .gz, joined into one file written
-atomically.
+"""The download stage: resolve data.url (and data.val_url) to files, verify them, and write the
+manifest (gptpipe.sources) that tokenize reads.
 
-Each file is a document. Documents are joined with <|endoftext|> between them, GPT-2's
-document separator, so the tokenize stage can tell where one ends and the next begins. A
-single file is copied byte for byte.
+Where each file's bytes come from and stay:
+
+- hf://datasets/...: huggingface_hub's cache (its token, progress bars, resumed downloads and
+  HF_HUB_OFFLINE); the manifest records the commit the revision named.
+- a local path, directory or glob: read where it is; the manifest records its path and SHA-256,
+  which tokenize checks again as it reads.
+- an https/http/file URL: stored next to the manifest, as published (a .gz stays compressed).
+  When its SHA-256 is pinned and those bytes are known here (a copy shipped with this package,
+  or the file this stage stored before), they are used without the network.
+
+Every file is verified against the SHA-256 the params give for it, if any; the outputs are
+written atomically, together, so a failure leaves the previous ones as they were.
 """
 
 import glob
-import gzip
 import hashlib
 import http.client
-import io
+import logging
+import os
+import shutil
 import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlparse
@@ -24,59 +33,20 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from gptpipe.errors import PipelineError
-from gptpipe.files import atomic_path
-from gptpipe.tokenizer import END_OF_TEXT
+from gptpipe.files import atomic_path, written_together
+from gptpipe.sources import (MANIFEST, CorpusFile, HubFiles, Source, file_format, parse_hub_files, parse_sources,
+                             read_manifest, write_manifest)
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 SUPPORTED_SCHEMES = ("https", "http", "file")
-SEPARATOR = END_OF_TEXT.encode()  # GPT-2's document separator
-SHA256_HEX_DIGITS = 64
-
-
-@dataclass(frozen=True)
-class Source:
-    url: str  # https/http/file URL or local path; a local path may be a directory or a glob
-    sha256: str | None = None  # of the file as fetched, before any decompression
-
-
-def parse_sources(value: str | Sequence[str | Mapping[str, Any] | Source]) -> list[Source]:
-    """data.url as a list of sources: a string, or a list whose items are strings or
-    {url: ..., sha256: ...} mappings."""
-    if isinstance(value, str):
-        items: Sequence[Any] = [value]
-    elif isinstance(value, Sequence) and value:
-        items = value
-    else:
-        raise PipelineError(f"data.url must be a URL or path, or a non-empty list of them, got {value!r}")
-    sources = []
-    for i, item in enumerate(items, 1):
-        where = "data.url" if isinstance(value, str) else f"data.url item {i}"
-        if isinstance(item, Mapping):
-            unknown = set(item) - {"url", "sha256"}
-            if unknown or "url" not in item:
-                raise PipelineError(f"{where} must have the keys url and (optionally) sha256, "
-                                    f"got {sorted(item)}")
-            item = Source(item["url"], item.get("sha256"))
-        elif isinstance(item, str):
-            item = Source(item)
-        elif not isinstance(item, Source):
-            raise PipelineError(f"{where} must be a URL or path, or {{url: ..., sha256: ...}}, got {item!r}")
-        if not isinstance(item.url, str) or not item.url:
-            raise PipelineError(f"{where} has an empty url: give an https/http/file URL or a local path")
-        if item.sha256 is not None and not is_sha256(item.sha256):
-            raise PipelineError(f"{where}: sha256 must be {SHA256_HEX_DIGITS} lowercase hex digits "
-                                f"or null, got {item.sha256!r}")
-        sources.append(item)
-    return sources
-
-
-def is_sha256(value: Any) -> bool:
-    return (isinstance(value, str) and len(value) == SHA256_HEX_DIGITS
-            and all(c in "0123456789abcdef" for c in value))
+# Corpora shipped with the package, found by their SHA-256: the default run needs no network.
+SHIPPED = resources.files("gptpipe") / "corpora"
 
 
 def local_path(url: str) -> Path | None:
-    """The filesystem path a file:// URL or plain path points to; None for http(s)."""
+    """The filesystem path a file:// URL or plain path points to; None for http(s) and hf://."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):  # file://data/x.txt would silently read /x.txt
@@ -85,18 +55,17 @@ def local_path(url: str) -> Path | None:
         return Path(unquote(parsed.path))
     if parsed.scheme == "" or (len(parsed.scheme) == 1 and url[1:3] in (":\\", ":/")):
         return Path(url)  # a plain path (a Windows drive letter parses as a scheme)
-    if parsed.scheme not in SUPPORTED_SCHEMES:
+    if parsed.scheme not in (*SUPPORTED_SCHEMES, "hf"):
         raise PipelineError(f"data.url {url!r} has scheme {parsed.scheme!r}; supported are "
-                            f"https, http, file, or a plain local path")
+                            f"https, http, file, hf://datasets/..., or a plain local path")
     return None
 
 
-def expand(source: Source) -> list[Source]:
-    """The files a source names: itself for a URL or a file; for a directory every file under
-    it, for a glob every file it matches, sorted by path (hidden files are skipped)."""
-    path = local_path(source.url)
-    if path is None or path.is_file():
-        return [source]
+def expand_local(source: Source, path: Path) -> list[Path]:
+    """The files a local source names: itself for a file; for a directory every file under it,
+    for a glob every file it matches, sorted by path (hidden files are skipped)."""
+    if path.is_file():
+        return [path]
     if path.is_dir():
         what = "a directory"
         files = sorted(p for p in path.rglob("*")
@@ -116,36 +85,172 @@ def expand(source: Source) -> list[Source]:
     if source.sha256 is not None:
         raise PipelineError(f"data.url {source.url!r} is {what}, but a sha256 checks one file; name "
                             f"the files one by one as {{url: ..., sha256: ...}}, or drop the sha256")
-    return [Source(str(p)) for p in files]
+    return files
 
 
-def download(url: str | Sequence[str | Mapping[str, Any] | Source], dest: str | Path,
-             sha256: str | None = None, *, max_bytes: int | None = None, timeout: float = 60.0) -> str:
-    """Write the corpus that `url` names (one source or several, see parse_sources) to `dest`
-    and return the SHA-256 of `dest`; `sha256`, if given, must match it. With one
-    uncompressed file, `dest` is a copy of it, so that is also the file's own SHA-256.
+@dataclass
+class Download:
+    """The state of one run of the stage: the output folder, the files resolved so far, the bytes
+    they hold (for data.max_bytes), and the files the previous run stored there."""
+    out_dir: Path
+    max_bytes: int | None
+    timeout: float
+    previous: dict[str, Path]  # sha256 -> a file the previous run stored
+    files: list[CorpusFile] = field(default_factory=list)
+    total: int = 0
 
-    On any failure `dest` is left untouched and no temporary file remains next to it.
-    """
-    dest = Path(dest)
-    files = [file for source in parse_sources(url) for file in expand(source)]
-    for file in files:
-        path = local_path(file.url)
-        if path is not None and path.resolve() == dest.resolve():
-            raise PipelineError(f"data.url includes the output {dest} itself; point it at the sources only")
-    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
-        corpus = CorpusWriter(out)
-        for i, file in enumerate(tqdm(files, desc="sources", unit="file", leave=False, disable=len(files) == 1)):
-            if i:
-                corpus.write(SEPARATOR)
-            fetch(file, corpus, max_bytes, timeout)
-        actual = corpus.digest.hexdigest()
-        what = files[0].url if len(files) == 1 else f"the corpus joined from {len(files)} files"
-        if corpus.written == 0:  # refused here, where data.url is the cause, not later by tokenize
-            raise PipelineError(f"{what} is empty: point data.url at the corpus")
-        require_checksum(what, f"data.sha256={sha256}", sha256, actual,
-                         "fix data.url, or set data.sha256 to the new hash (or null) if the change is intended")
-    return actual
+    def count(self, name: str, size: int | None) -> None:
+        """Refuse a corpus over max_bytes once `name` adds `size` bytes (None: unknown yet)."""
+        if size is None or self.max_bytes is None or self.total + size <= self.max_bytes:
+            if size is not None:
+                self.total += size
+            return
+        total = self.total + size
+        what = f"{name} has at least {size} bytes" if self.total == 0 else \
+            f"the corpus reaches at least {total} bytes with {name}"
+        raise PipelineError(
+            f"{what}, more than data.max_bytes={self.max_bytes}; if it is meant to be that big, raise "
+            f"data.max_bytes in params.yaml (or set it to null for no limit), "
+            f"e.g. `dvc exp run -S data.max_bytes={2 * total}`")
+
+    def store_name(self, url: str) -> str:
+        name = Path(urlparse(url).path).name or "corpus"
+        taken = {f.stored for f in self.files}
+        return name if name not in taken and name != MANIFEST else f"{len(self.files):05d}-{name}"
+
+
+def download(url: str | Sequence[str | Mapping[str, Any] | Source], out_dir: str | Path,
+             sha256: str | None = None, *, val_url: Any = None, max_bytes: int | None = None,
+             timeout: float = 60.0) -> list[CorpusFile]:
+    """Resolve and verify the corpus `url` names (one source or several, see parse_sources),
+    and `val_url`'s (the val split's, or None), into `out_dir`: the manifest sources.json and
+    the files fetched from http(s) URLs. `sha256`, if given, must be the SHA-256 of the one file
+    `url` names. Return the manifest's files.
+
+    On any failure the previous outputs are left untouched and no temporary file remains."""
+    out_dir = Path(out_dir)
+    previous = previous_stored(out_dir)
+    run = Download(out_dir, max_bytes, timeout, {f.sha256: out_dir / f.stored for f in previous if f.stored})
+    with written_together():
+        for key, value, split in (("data.url", url, None), ("data.val_url", val_url, "val")):
+            if value is None:
+                continue
+            sources = parse_sources(value, key)
+            if key == "data.url" and sha256 is not None and len(sources) == 1 and sources[0].sha256 is None:
+                sources = [Source(sources[0].url, sha256)]  # the one file data.sha256 checks: its bytes are known
+            for source in sources:
+                resolve(source, key, split, run)
+        main = [f for f in run.files if f.split is None]
+        if sha256 is not None:
+            if len(main) != 1:
+                raise PipelineError(f"data.sha256 checks one file, but data.url names {len(main)}; give each "
+                                    f"file's sha256 in data.url ({{url: ..., sha256: ...}}), or set data.sha256 "
+                                    f"to null")
+            require_checksum(main[0].name, f"data.sha256={sha256}", sha256, main[0].sha256,
+                             "fix data.url, or set data.sha256 to the new hash (or null) if the change is intended")
+        write_manifest(out_dir, run.files)
+    stored = {f.stored for f in run.files}
+    for old in previous:  # what the previous run stored and this one did not
+        if old.stored and old.stored not in stored:
+            (out_dir / old.stored).unlink(missing_ok=True)
+    return run.files
+
+
+def previous_stored(out_dir: Path) -> list[CorpusFile]:
+    """The files the previous run stored in `out_dir` (none when there was none, or it is unreadable)."""
+    try:
+        return [f for f in read_manifest(out_dir) if f.stored and (out_dir / f.stored).is_file()]
+    except (PipelineError, OSError):
+        return []
+
+
+def resolve(source: Source, key: str, split: str | None, run: Download) -> None:
+    """Add the files `source` names to `run`: verified, and fetched if they come from http(s)."""
+    hub_files = parse_hub_files(source.url)
+    if hub_files is not None:
+        return resolve_hub(source, hub_files, key, split, run)
+    path = local_path(source.url)
+    if path is None:
+        return fetch(source, split, run)
+    for file in expand_local(source, path):
+        if file.resolve().is_relative_to(run.out_dir.resolve()):
+            raise PipelineError(f"{key} includes {file}, inside the download stage's output folder "
+                                f"{run.out_dir}; point it at the sources only")
+        file_format(file.name)
+        digest, size = hash_local(file, source.url, run)
+        require_checksum(str(file), f"the sha256 {source.sha256} given for it in {key}", source.sha256, digest,
+                         "fix its url, or its sha256 if the change is intended")
+        run.files.append(CorpusFile(source.url, str(file), split, size, digest, local=str(file)))
+
+
+def resolve_hub(source: Source, files: HubFiles, key: str, split: str | None, run: Download) -> None:
+    from gptpipe.hub import dataset_files  # huggingface_hub is imported only for Hub sources
+
+    if source.sha256 is not None and any(c in files.pattern for c in "*?["):
+        raise PipelineError(f"{key} {source.url!r} is a glob, but a sha256 checks one file; drop the sha256 "
+                            f"(a commit after @ pins the bytes) or name one file")
+    remaining = None if run.max_bytes is None else run.max_bytes - run.total
+    commit, found = dataset_files(files, key, remaining)
+    for name, path in found:
+        file_format(name)
+        digest, size = hash_local(path, source.url, run)
+        hub_url = f"hf://datasets/{files.repo}@{commit}/{name}"
+        require_checksum(hub_url, f"the sha256 {source.sha256} given for it in {key}", source.sha256, digest,
+                         "fix its url, or its sha256 if the change is intended")
+        run.files.append(CorpusFile(source.url, hub_url, split, size, digest,
+                           hub={"repo": files.repo, "commit": commit, "path": name}))
+
+
+def fetch(source: Source, split: str | None, run: Download) -> None:
+    """Store the file an http(s) URL names in the output folder: from a copy known here when its
+    SHA-256 is pinned, else from the network."""
+    file_format(source.url)
+    name = run.store_name(source.url)
+    with atomic_path(run.out_dir / name) as tmp:
+        known = known_copy(source.sha256, run.previous)
+        if known is not None:
+            log.info(f"{source.url}: sha256 {source.sha256} is {known[1]}; not downloaded")
+            run.count(source.url, known[0].stat().st_size)
+            shutil.copyfile(known[0], tmp)
+            size, digest = tmp.stat().st_size, source.sha256
+        else:
+            with open(tmp, "wb") as out:
+                size, digest = copy_remote(source.url, out, run)
+        require_checksum(source.url, f"the sha256 {source.sha256} given for it in data.url", source.sha256, digest,
+                         "fix its url, or its sha256 if the change is intended")
+        if size == 0:
+            raise PipelineError(f"{source.url} is empty: point data.url at the corpus")
+    run.files.append(CorpusFile(source.url, source.url, split, size, digest, stored=name))
+
+
+def known_copy(sha256: str | None, previous: dict[str, Path]) -> tuple[Path, str] | None:
+    """A file on this machine holding the bytes of SHA-256 `sha256`, verified, and where it is
+    from (for the log); None when no such copy is known or `sha256` is None."""
+    if sha256 is None:
+        return None
+    candidates = [(Path(str(p)), "the copy shipped with gptpipe") for p in SHIPPED.iterdir() if p.is_file()]
+    if sha256 in previous:
+        candidates.append((previous[sha256], "the file this stage stored before"))
+    for path, where in candidates:
+        if hash_local(path, str(path))[0] == sha256:
+            return path, f"{where} ({path})"
+    return None
+
+
+def hash_local(path: Path, url: str, run: Download | None = None) -> tuple[str, int]:
+    """The SHA-256 and size of a local file, read in blocks; counted towards data.max_bytes in `run`."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as f:
+            if run is not None:
+                run.count(str(path), os.fstat(f.fileno()).st_size)
+            while block := f.read(CHUNK_BYTES):
+                digest.update(block)
+                size += len(block)
+    except OSError as e:
+        raise PipelineError(f"cannot read {path} ({e.strerror}); check {url} and the file's "
+                            f"permissions") from e
+    return digest.hexdigest(), size
 
 
 def require_checksum(what: str, where: str, expected: str | None, actual: str, fix: str) -> None:
@@ -155,44 +260,10 @@ def require_checksum(what: str, where: str, expected: str | None, actual: str, f
                             f"corrupt or a different version; {fix}")
 
 
-class CorpusWriter:
-    """The output file, counting and hashing what is written."""
-
-    def __init__(self, out: BinaryIO):
-        self.out = out
-        self.digest = hashlib.sha256()
-        self.written = 0
-
-    def write(self, data: bytes) -> None:
-        self.out.write(data)
-        self.digest.update(data)
-        self.written += len(data)
-
-
-def fetch(source: Source, corpus: CorpusWriter, max_bytes: int | None, timeout: float) -> None:
-    path = local_path(source.url)
-    if path is not None:
-        actual = copy_local(path, source.url, corpus, max_bytes)
-    else:
-        actual = copy_remote(source.url, corpus, max_bytes, timeout)
-    require_checksum(source.url, f"the sha256 {source.sha256} given for it in data.url", source.sha256, actual,
-                     "fix its url, or its sha256 if the change is intended")
-
-
-def copy_local(source: Path, url: str, corpus: CorpusWriter, max_bytes: int | None) -> str:
+def copy_remote(url: str, out: BinaryIO, run: Download) -> tuple[int, str]:
+    """Stream `url` into `out`; return the byte count and SHA-256."""
     try:
-        f = open(source, "rb")
-    except OSError as e:
-        raise PipelineError(f"cannot read {source} ({e.strerror}); check data.url and the file's "
-                            f"permissions") from e
-    with f:
-        _, sha256 = copy(f.read, corpus, source.stat().st_size, url, max_bytes)
-    return sha256
-
-
-def copy_remote(url: str, corpus: CorpusWriter, max_bytes: int | None, timeout: float) -> str:
-    try:
-        response = urllib.request.build_opener(HttpOnlyRedirects).open(url, timeout=timeout)
+        response = urllib.request.build_opener(HttpOnlyRedirects).open(url, timeout=run.timeout)
     except urllib.error.HTTPError as e:
         e.close()
         fix = "check that data.url names an existing file" if e.code < 500 else \
@@ -205,69 +276,30 @@ def copy_remote(url: str, corpus: CorpusWriter, max_bytes: int | None, timeout: 
             f"`dvc exp run -S data.url=/path/to/the-verdict.txt`") from e
     with response:
         expected = response.length  # Content-Length as parsed by http.client; None if not sent
+        run.count(url, expected)
         try:
-            received, sha256 = copy(response.read, corpus, expected, url, max_bytes)
+            received, sha256 = copy(response.read, out, url, run, expected)
         except (OSError, http.client.HTTPException) as e:
             raise PipelineError(f"download of {url} broke off ({e}); run the stage again") from e
     if expected is not None and received != expected:
         raise PipelineError(f"download of {url} was truncated: got {received} of {expected} bytes "
                             f"(the connection closed early); run the stage again")
-    return sha256
+    return received, sha256
 
 
-def copy(read: Callable[[int], bytes], corpus: CorpusWriter, size: int | None, url: str,
-         max_bytes: int | None) -> tuple[int, str]:
-    """Stream `read` into `corpus`, decompressing a .gz, stopping once the corpus would exceed
-    `max_bytes`; return the byte count and SHA-256 of what was read (before decompression)."""
-    gzipped = Path(urlparse(url).path).suffix == ".gz"
-    start = corpus.written
-    if not gzipped:  # a compressed size says little about the corpus size
-        check_size(size, start, url, max_bytes)
+def copy(read: Callable[[int], bytes], out: BinaryIO, url: str, run: Download, size: int | None) -> tuple[int, str]:
+    """Stream `read` into `out` with a progress bar; return the byte count and SHA-256. When the
+    `size` was not known beforehand, each block counts towards data.max_bytes as it comes."""
+    digest, received = hashlib.sha256(), 0
     with progress_bar(size, Path(urlparse(url).path).name) as bar:
-        raw = RawReader(read, bar.update)
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
-        try:
-            while chunk := stream.read(CHUNK_BYTES):
-                check_size(corpus.written + len(chunk) - start, start, url, max_bytes)
-                corpus.write(chunk)
-        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-            raise PipelineError(f"{url} is not a valid gzip file ({e}); a name ending in .gz is "
-                                f"decompressed: check the file, or rename it if it is plain text") from e
-    return raw.received, raw.digest.hexdigest()
-
-
-class RawReader(io.RawIOBase):
-    """A readable stream over `read` that hashes and counts the bytes as they pass."""
-
-    def __init__(self, read: Callable[[int], bytes], on_read: Callable[[int], Any]):
-        self._read = read
-        self._on_read = on_read
-        self.digest = hashlib.sha256()
-        self.received = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        chunk = self._read(min(len(buffer), CHUNK_BYTES))
-        buffer[:len(chunk)] = chunk
-        self.digest.update(chunk)
-        self.received += len(chunk)
-        self._on_read(len(chunk))
-        return len(chunk)
-
-
-def check_size(size: int | None, before: int, url: str, max_bytes: int | None) -> None:
-    """Refuse a corpus over max_bytes: `before` bytes from earlier files, plus `size` from `url`."""
-    if size is None or max_bytes is None or before + size <= max_bytes:
-        return
-    total = before + size
-    what = f"{url} has at least {size} bytes" if before == 0 else \
-        f"the corpus reaches at least {total} bytes with {url}"
-    raise PipelineError(
-        f"{what}, more than data.max_bytes={max_bytes}; if it is meant to be that big, raise "
-        f"data.max_bytes in params.yaml (or set it to null for no limit), "
-        f"e.g. `dvc exp run -S data.max_bytes={2 * total}`")
+        while chunk := read(CHUNK_BYTES):
+            if size is None:
+                run.count(url, len(chunk))
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received, digest.hexdigest()
 
 
 class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):

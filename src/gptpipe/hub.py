@@ -1,4 +1,5 @@
-"""GPT-2 checkpoints from the Hugging Face Hub, named in `model.init_from`.
+"""The Hugging Face Hub: GPT-2 checkpoints named in `model.init_from`, and dataset files named in
+`data.url` (hf://datasets/..., see gptpipe.sources).
 
 `gpt2`, `gpt2-medium`, `gpt2-large` and `gpt2-xl` are OpenAI's models in openai-community/,
 each at a pinned commit, so that the same params load the same weights. Any other repo id
@@ -12,14 +13,18 @@ token (HF_TOKEN, `hf auth login`) and its offline mode (HF_HUB_OFFLINE=1: the ca
 
 import logging
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (DryRunError, EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                    LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import filter_repo_objects
 
 from gptpipe.errors import PipelineError
+from gptpipe.sources import HubFiles
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +69,75 @@ def download(checkpoint: HubCheckpoint, filenames: tuple[str, ...], source: str)
     where = f"model.init_from={source}: {checkpoint}"
     log.info(f"{where} (Hugging Face cache: {constants.HF_HUB_CACHE})")
     revision = checkpoint.revision
-    try:
+    filename = filenames[0]
+    with hub_errors(where, f"model.init_from={checkpoint.repo}", lambda: (
+            f"the repository has no {filename}; a GPT-2 checkpoint here is {' + '.join(filenames)} (a "
+            f"pytorch_model.bin is not read: unpickling it could run code)"), f"; nor is there a local path {source}"):
         for filename in filenames:
             path = Path(hf_hub_download(checkpoint.repo, filename, revision=revision))
             # The snapshot folder is named by the commit: the later files come from that same
             # commit even if a branch moves meanwhile.
             revision = path.parent.name
+    if not COMMIT.fullmatch(checkpoint.revision):
+        log.info(f"{checkpoint.revision} is commit {revision}: model.init_from={checkpoint.repo}@{revision} "
+                 f"loads these weights even after the repository changes")
+    return path.parent
+
+
+def dataset_files(files: HubFiles, key: str, max_bytes: int | None) -> tuple[str, list[tuple[str, Path]]]:
+    """The commit that `files`' revision names and, for each file it matches, sorted by path, its
+    path in the repository and in huggingface_hub's cache, downloaded first unless it is there.
+    Online, the matching files' sizes are checked against `max_bytes` before anything is
+    downloaded; offline (HF_HUB_OFFLINE=1, or the Hub unreachable), the cache alone answers.
+    `key` names the param, for messages."""
+    where = f"{key}: {files}"
+    log.info(f"{where} (Hugging Face cache: {constants.HF_HUB_CACHE})")
+    no_match = f"no file of the repository matches {files.pattern!r}; check the path (case matters) on " \
+               f"{constants.ENDPOINT}/datasets/{files.repo}/tree/{files.revision}"
+    with hub_errors(where, f"{key}=hf://datasets/{files.repo}", lambda: no_match):
+        try:
+            planned = snapshot_download(files.repo, repo_type="dataset", revision=files.revision,
+                                        allow_patterns=files.pattern, dry_run=True)
+        except DryRunError:  # the Hub cannot be asked: the cache decides below
+            planned = None
+        revision = files.revision
+        if planned is not None:
+            if not planned:
+                raise PipelineError(f"{where}: {no_match}")
+            revision = planned[0].commit_hash
+            total = sum(info.file_size or 0 for info in planned)
+            if max_bytes is not None and total > max_bytes:
+                raise PipelineError(f"{where}: its {len(planned)} file(s) hold {total:,} bytes, more than "
+                                    f"data.max_bytes={max_bytes}; if that is intended, raise data.max_bytes "
+                                    f"(or set it to null), e.g. `dvc exp run -S data.max_bytes={2 * total}`")
+        folder = Path(snapshot_download(files.repo, repo_type="dataset", revision=revision,
+                                        allow_patterns=files.pattern))
+    names = sorted(filter_repo_objects((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+                                       allow_patterns=files.pattern))
+    if not names:
+        raise PipelineError(f"{where}: {no_match}" if planned is not None else
+                            f"{where}: no file matching it is in the Hugging Face cache {constants.HF_HUB_CACHE}, "
+                            f"and the Hub cannot be reached (HF_HUB_OFFLINE or no network): run once with network")
+    if not COMMIT.fullmatch(files.revision):
+        log.info(f"{files.revision} is commit {folder.name}: hf://datasets/{files.repo}@{folder.name}/"
+                 f"{files.pattern} names these bytes even after the repository changes")
+    return folder.name, [(name, folder / name) for name in names]
+
+
+def dataset_file(repo: str, commit: str, path: str, key: str) -> Path:
+    """One file of a dataset at a commit, from huggingface_hub's cache or downloaded into it."""
+    where = f"{key}: {path} of dataset {repo} at commit {commit}"
+    with hub_errors(where, f"{key}=hf://datasets/{repo}", lambda: "the repository has no such file at that commit"):
+        return Path(hf_hub_download(repo, path, repo_type="dataset", revision=commit))
+
+
+@contextmanager
+def hub_errors(where: str, param: str, missing_file: Callable[[], str], not_found: str = "") -> Iterator[None]:
+    """huggingface_hub's failures inside the block as one-line PipelineErrors that start with
+    `where`. `param` is how the user names the repository (for the fix), `missing_file` says what
+    is missing when the Hub has no such file, `not_found` adds to a missing repository's message."""
+    try:
+        yield
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
             raise PipelineError(f"{where} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
@@ -80,30 +148,22 @@ def download(checkpoint: HubCheckpoint, filenames: tuple[str, ...], source: str)
                             f"network or proxy (HTTPS_PROXY), or set HF_HOME to a cache that holds them (and "
                             f"HF_HUB_OFFLINE=1 not to wait for the network)") from None
     except GatedRepoError:
-        raise PipelineError(f"{where}: the repository is gated; accept its conditions on "
-                            f"{constants.ENDPOINT}/{checkpoint.repo} and log in with `hf auth login` (or set "
-                            f"HF_TOKEN)") from None
+        raise PipelineError(f"{where}: the repository is gated; accept its conditions on its page at "
+                            f"{constants.ENDPOINT} and log in with `hf auth login` (or set HF_TOKEN)") from None
     except RepositoryNotFoundError:
         raise PipelineError(f"{where}: no such repository on the Hugging Face Hub, or it is private and "
-                            f"needs a token (`hf auth login` or HF_TOKEN); nor is there a local path "
-                            f"{source}") from None
+                            f"needs a token (`hf auth login` or HF_TOKEN){not_found}") from None
     except RevisionNotFoundError:
         raise PipelineError(f"{where}: the repository has no such revision; give a commit, branch or tag "
-                            f"of it after @ (model.init_from={checkpoint.repo}@<revision>)") from None
+                            f"of it after @ ({param}@<revision>)") from None
     except EntryNotFoundError:
-        raise PipelineError(f"{where}: the repository has no {filename}; a GPT-2 checkpoint here is "
-                            f"{' + '.join(filenames)} (a pytorch_model.bin is not read: unpickling it could "
-                            f"run code)") from None
+        raise PipelineError(f"{where}: {missing_file()}") from None
     except HfHubHTTPError as e:
         raise PipelineError(f"{where}: the Hugging Face Hub answered {first_line(e)}; check the token "
                             f"(HF_TOKEN, `hf auth login`) or try again later") from None
     except OSError as e:
         raise PipelineError(f"{where}: writing the download to {constants.HF_HUB_CACHE} failed: {e}; free "
                             f"space there or set HF_HOME to another folder") from None
-    if not COMMIT.fullmatch(checkpoint.revision):
-        log.info(f"{checkpoint.revision} is commit {revision}: model.init_from={checkpoint.repo}@{revision} "
-                 f"loads these weights even after the repository changes")
-    return path.parent
 
 
 def first_line(error: Exception) -> str:

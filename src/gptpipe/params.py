@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from gptpipe.download import is_sha256, parse_sources
+from gptpipe.sources import is_sha256, parse_sources
 from gptpipe.errors import PipelineError
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -77,18 +77,26 @@ class GPTConfig:
 
 @dataclass(frozen=True)
 class DataParams:
-    url: Any  # a string, or a list of strings and {url:, sha256:} mappings (download.parse_sources)
+    url: Any  # a string, or a list of strings and {url:, sha256:} mappings (sources.parse_sources)
+    val_url: Any  # null (val is drawn from url by the ratios), or the val split's sources, as url
     sha256: str | None
     max_bytes: int | None
+    text_field: str
+    bad_rows: Literal["error", "skip"]
     train_ratio: float
     test_ratio: float
 
     def __post_init__(self) -> None:
-        require(bool(self.url), "data.url", "is empty: give an https/http/file URL or a local path")
+        require(bool(self.url), "data.url", "is empty: give an https/http/file URL, a local path or an "
+                                            "hf://datasets/ path")
         try:
             parse_sources(self.url)
+            if self.val_url is not None:
+                parse_sources(self.val_url, "data.val_url")
         except PipelineError as e:
             raise PipelineError(f"params: {e}") from None
+        require(bool(self.text_field), "data.text_field", "is empty: name the field of each Parquet or JSON-lines "
+                                                          "row that holds its text (e.g. text)")
         require(self.sha256 is None or is_sha256(self.sha256),
                 "data.sha256", f"must be 64 lowercase hex digits or null, got {self.sha256!r}")
         require(self.max_bytes is None or self.max_bytes >= 1, "data.max_bytes",
