@@ -21,10 +21,8 @@ BOOK_CONFIG = dataclasses.asdict(GPTConfig())
 
 
 def find_corpus() -> Path:
-    for path in (ROOT.parent / "shared/data/the-verdict.txt", ROOT / "data/raw/corpus.txt"):
-        if path.is_file():
-            return path
-    raise SystemExit("no corpus: run `dvc repro download` or put the-verdict.txt in ../shared/data")
+    """The book's story, as shipped with the package."""
+    return ROOT / "src/gptpipe/corpora/the-verdict.txt"
 
 
 def matmul_peak(dtype: "torch.dtype", n: int = 4096, repeats: int = 5) -> float:

@@ -1,4 +1,5 @@
 import contextlib
+import hashlib
 import importlib.util
 import io
 import os
@@ -14,15 +15,13 @@ import torch
 import yaml
 
 from gptpipe import cli
-from gptpipe.download import download
+from gptpipe.download import SHIPPED
 from gptpipe.tokenizer import seed_tiktoken_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))  # where run_stage's stages find their _library module
 seed_tiktoken_cache()  # tests that call tiktoken.get_encoding("gpt2") themselves run offline too
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
-VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
-               "01_main-chapter-code/the-verdict.txt")
 
 # The tiny config of the pipeline tests: the same code paths as the book's run, in seconds.
 TINY = {
@@ -32,46 +31,18 @@ TINY = {
 }
 
 
-def find_verdict(cache_dir: Path) -> tuple[Path | None, str]:
-    """The book's corpus: ../shared/data, then $GPTPIPE_VERDICT, then a download; else why not."""
-    candidates = [ROOT.parent / "shared" / "data" / "the-verdict.txt"]
-    if os.environ.get("GPTPIPE_VERDICT"):
-        candidates.append(Path(os.environ["GPTPIPE_VERDICT"]))
-    for path in candidates:
-        if path.is_file():
-            return path, ""
-    target = cache_dir / "the-verdict.txt"
-    if target.is_file():
-        return target, ""
-    try:
-        download(VERDICT_URL, target, VERDICT_SHA256, timeout=10)
-        return target, ""
-    except Exception as e:
-        return None, (f"the-verdict.txt not in ../shared/data, not at $GPTPIPE_VERDICT and "
-                      f"not downloadable ({e})")
-
-
 @pytest.fixture(scope="session")
-def verdict_path(tmp_path_factory) -> Path:
-    path, why = find_verdict(tmp_path_factory.mktemp("verdict"))
-    if path is None:
-        pytest.skip(why)
+def verdict_path() -> Path:
+    """The book's corpus, as shipped with the package (checked against its pinned SHA-256)."""
+    path = Path(str(SHIPPED / "the-verdict.txt"))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == VERDICT_SHA256
     return path
 
 
 @pytest.fixture(scope="session")
-def corpus_path(tmp_path_factory) -> Path:
-    """A corpus for pipeline mechanics: the book's if it can be found, else generated text."""
-    path, _ = find_verdict(tmp_path_factory.mktemp("verdict"))
-    if path is not None:
-        return path
-    import random
-    rng = random.Random(0)
-    words = "the a painter said Gisburn I had always thought Jack a cheap genius his wife".split()
-    text = " ".join(rng.choice(words) + ("." if rng.random() < 0.1 else "") for _ in range(6000))
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+def corpus_path(verdict_path) -> Path:
+    """A corpus for pipeline mechanics: the book's."""
+    return verdict_path
 
 
 def write_params(path: Path, overrides: dict, corpus: Path | None = None) -> Path:
@@ -120,13 +91,22 @@ class UniformModel(torch.nn.Module):
     def forward(self, idx):
         return torch.zeros(*idx.shape, self.vocab)
 
+# The smallest config that runs every stage's code (test_hostile, test_corpora).
+HOSTILE = {
+    "model": {"context_length": 16, "emb_dim": 8, "n_heads": 2, "n_layers": 1},
+    "train": {"epochs": 1, "stride": 16, "batch_size": 4, "eval_freq": 2, "eval_iter": 1, "max_steps": 3,
+              "device": "cpu"},
+    "evaluate": {"max_tokens": 64},
+    "sample": {"max_new_tokens": 4},
+}
+
 
 def stage_args(script: str, d: Path) -> list[str]:
     """The path options of stages/<script>.py with every input and output in folder `d`, laid
-    out as the pipeline lays out the project: corpus.txt, tokens/, model.safetensors, plots/..."""
+    out as the pipeline lays out the project: raw/, tokens/, model.safetensors, plots/..."""
     return {
-        "download": ["--out", f"{d}/corpus.txt"],
-        "tokenize_corpus": ["--corpus", f"{d}/corpus.txt", "--out", f"{d}/tokens"],
+        "download": ["--out", f"{d}/raw"],
+        "tokenize_corpus": ["--corpus", f"{d}/raw", "--out", f"{d}/tokens"],
         "pretrain": ["--tokens", f"{d}/tokens", "--model", f"{d}/model.safetensors", "--plots", f"{d}/plots",
                      "--metrics", f"{d}/train.json", "--resume-dir", f"{d}/resume"],
         "evaluate": ["--tokens", f"{d}/tokens", "--model", f"{d}/model.safetensors", "--out", f"{d}/eval.json"],

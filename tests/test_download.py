@@ -1,8 +1,11 @@
-"""download(): every source kind, and every failure leaving nothing behind, against a local HTTP server."""
+"""download(): every source kind, the manifest, and every failure leaving nothing behind, against a
+local HTTP server. (Hugging Face datasets: test_corpora.py.)"""
 
 import gzip
 import hashlib
 import http.server
+import json
+import logging
 import socket
 import subprocess
 import sys
@@ -13,9 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptpipe.download import download
+from conftest import VERDICT_SHA256
+from gptpipe.download import SHIPPED, download
 from gptpipe.errors import PipelineError
 from gptpipe.params import load_params
+from gptpipe.sources import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = b"I HAD always thought Jack Gisburn rather a cheap genius.\n" * 100
@@ -98,26 +103,51 @@ def closed_port() -> int:
 GOOD_SHA256 = hashlib.sha256(GOOD).hexdigest()
 
 
-def test_http_download_verifies_and_returns_sha256(server, out_dir):
-    dest = out_dir / "corpus.txt"
-    assert download(f"{server}/corpus.txt", dest, GOOD_SHA256) == GOOD_SHA256
-    assert dest.read_bytes() == GOOD
-    assert list(out_dir.iterdir()) == [dest]
+def only_file(out_dir: Path, files):
+    assert len(files) == 1
+    return files[0]
+
+
+def test_http_download_is_stored_as_published_and_listed(server, out_dir):
+    file = only_file(out_dir, download(f"{server}/corpus.txt", out_dir, GOOD_SHA256))
+    assert (file.sha256, file.bytes, file.stored) == (GOOD_SHA256, len(GOOD), "corpus.txt")
+    assert (out_dir / "corpus.txt").read_bytes() == GOOD
+    assert sorted(p.name for p in out_dir.iterdir()) == ["corpus.txt", "sources.json"]
+    assert read_manifest(out_dir) == [file]
 
 
 @pytest.mark.parametrize("as_url", [Path.as_uri, str], ids=["file-url", "plain-path"])
-def test_local_download_verifies_and_returns_sha256(local_corpus, out_dir, as_url):
-    dest = out_dir / "corpus.txt"
-    assert download(as_url(local_corpus), dest, GOOD_SHA256) == GOOD_SHA256
-    assert dest.read_bytes() == GOOD
-    assert list(out_dir.iterdir()) == [dest]
+def test_a_local_file_is_verified_and_read_where_it_is(local_corpus, out_dir, as_url):
+    file = only_file(out_dir, download(as_url(local_corpus), out_dir, GOOD_SHA256))
+    assert (file.sha256, file.local, file.stored) == (GOOD_SHA256, str(local_corpus), None)
+    assert [p.name for p in out_dir.iterdir()] == ["sources.json"]  # no copy of the text
 
 
 @pytest.mark.parametrize("path", ["/large.txt", "/large-unsized.txt"])
 def test_download_of_exactly_max_bytes_succeeds(server, out_dir, path):
-    dest = out_dir / "large.txt"
-    assert download(server + path, dest, max_bytes=len(LARGE)) == hashlib.sha256(LARGE).hexdigest()
-    assert dest.read_bytes() == LARGE
+    file = only_file(out_dir, download(server + path, out_dir, max_bytes=len(LARGE)))
+    assert file.sha256 == hashlib.sha256(LARGE).hexdigest()
+    assert (out_dir / file.stored).read_bytes() == LARGE
+
+
+def test_pinned_bytes_known_here_need_no_network(out_dir, caplog):
+    """The book's story, pinned by data.sha256, comes from the copy shipped with the package;
+    once stored, a run by hand takes it from the previous output. The URL is never asked."""
+    url = f"http://127.0.0.1:{closed_port()}/the-verdict.txt"
+    with caplog.at_level(logging.INFO, logger="gptpipe.download"):
+        file = only_file(out_dir, download(url, out_dir, VERDICT_SHA256))
+    assert "the copy shipped with gptpipe" in caplog.text and "not downloaded" in caplog.text
+    assert (out_dir / file.stored).read_bytes() == (SHIPPED / "the-verdict.txt").read_bytes()
+    other = f"http://127.0.0.1:{closed_port()}/elsewhere/story.txt"
+    stored = out_dir / "story.txt"
+    stored.write_bytes(GOOD)
+    (out_dir / "sources.json").write_text(json.dumps({"files": [{
+        "source": other, "name": other, "split": None, "bytes": len(GOOD), "sha256": GOOD_SHA256,
+        "stored": "story.txt"}]}))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gptpipe.download"):
+        assert only_file(out_dir, download(other, out_dir, GOOD_SHA256)).stored == "story.txt"
+    assert "the file this stage stored before" in caplog.text and stored.read_bytes() == GOOD
 
 
 # (url template, download() keywords, words the message must contain).
@@ -152,7 +182,7 @@ def test_failure_names_cause_and_fix_and_leaves_nothing(server, local_corpus, ou
                                                         template, kwargs, words):
     url = template.format(server=server, closed=closed_port(), src=local_corpus.parent)
     with pytest.raises(PipelineError) as excinfo:
-        download(url, out_dir / "corpus.txt", timeout=10, **kwargs)
+        download(url, out_dir, timeout=10, **kwargs)
     for word in words:
         assert word in str(excinfo.value)
     assert list(out_dir.iterdir()) == []
@@ -183,24 +213,23 @@ def test_max_bytes_defaults_to_100_mb():
 @pytest.mark.parametrize("case", ["unreachable", "over-max-bytes"])
 def test_stage_reports_one_error_line_without_traceback(tmp_path, local_corpus, case):
     if case == "unreachable":
-        data, words = {"url": f"http://127.0.0.1:{closed_port()}/x"}, ["cannot reach"]
+        data, words = {"url": f"http://127.0.0.1:{closed_port()}/x", "sha256": None}, ["cannot reach"]
     else:  # the stage must pass data.max_bytes on
         data, words = {"url": str(local_corpus), "sha256": None, "max_bytes": 10}, ["data.max_bytes=10"]
     params = write_params(tmp_path / "params.yaml", **data)
-    out = tmp_path / "out" / "corpus.txt"
-    out.parent.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
     result = subprocess.run([sys.executable, "stages/download.py", "--params", str(params),
                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert all(word in lines[0] for word in words), lines[0]
-    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert list(out.iterdir()) == []
 
 
 # Several sources: data.url as a list, a directory or a glob; .gz; per-source checksums.
 
-SEPARATOR = b"<|endoftext|>"
 OTHER = "Le peintre dit: « voilà » — 画家\n".encode() * 3
 
 
@@ -220,56 +249,43 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_list_of_sources_is_joined_with_endoftext(server, local_corpus, out_dir):
-    dest = out_dir / "corpus.txt"
+def test_a_list_of_sources_is_listed_in_order(server, local_corpus, out_dir):
     other = local_corpus.with_name("other.txt")
     other.write_bytes(OTHER)
-    expected = GOOD + SEPARATOR + OTHER + SEPARATOR + GOOD
     sources = [f"{server}/corpus.txt", {"url": str(other), "sha256": sha256(OTHER)},
                {"url": local_corpus.as_uri(), "sha256": None}]
-    assert download(sources, dest, sha256(expected)) == sha256(expected)
-    assert dest.read_bytes() == expected
-    assert list(out_dir.iterdir()) == [dest]
+    files = download(sources, out_dir, val_url=f"{server}/corpus.txt.gz")
+    assert [(f.source, f.sha256, f.split) for f in files] == [
+        (f"{server}/corpus.txt", GOOD_SHA256, None), (str(other), sha256(OTHER), None),
+        (local_corpus.as_uri(), GOOD_SHA256, None), (f"{server}/corpus.txt.gz", sha256(GZIPPED), "val")]
+    assert [f.stored for f in files] == ["corpus.txt", None, None, "corpus.txt.gz"]
+    assert (out_dir / "corpus.txt.gz").read_bytes() == GZIPPED  # as published: it stays compressed
+    assert read_manifest(out_dir) == files
 
 
 def test_directory_and_glob_take_files_sorted_by_path_skipping_hidden(documents, out_dir):
-    dest = out_dir / "corpus.txt"
-    download(str(documents), dest)
-    assert dest.read_bytes() == SEPARATOR.join([GOOD, OTHER, b"last document"])
-    download(f"{documents}/**/*.txt", dest)
-    assert dest.read_bytes() == SEPARATOR.join([GOOD, OTHER])
+    names = [Path(f.local).relative_to(documents).as_posix() for f in download(str(documents), out_dir)]
+    assert names == ["a.txt", "b/c.txt", "d.txt.gz"]
+    names = [Path(f.local).relative_to(documents).as_posix() for f in download(f"{documents}/**/*.txt", out_dir)]
+    assert names == ["a.txt", "b/c.txt"]
 
 
-@pytest.mark.parametrize("where", ["local", "http"])
-def test_gz_is_decompressed_and_its_checksum_is_of_the_compressed_file(server, tmp_path, out_dir, where):
-    path = tmp_path / "corpus.txt.gz"
-    path.write_bytes(GZIPPED)
-    url = str(path) if where == "local" else f"{server}/corpus.txt.gz"
-    dest = out_dir / "corpus.txt"
-    # data.sha256 checks what is written; a source's own sha256, the file as fetched
-    assert download([{"url": url, "sha256": sha256(GZIPPED)}], dest, sha256(GOOD)) == sha256(GOOD)
-    assert dest.read_bytes() == GOOD
-
-
-def test_multi_member_gz_is_read_whole(tmp_path, out_dir):
-    path = tmp_path / "two.gz"
-    path.write_bytes(gzip.compress(b"first half, ", mtime=0) + gzip.compress(b"second half", mtime=0))
-    download(str(path), out_dir / "corpus.txt")
-    assert (out_dir / "corpus.txt").read_bytes() == b"first half, second half"
+def test_files_stored_by_the_previous_run_and_not_this_one_are_removed(server, out_dir):
+    download(f"{server}/corpus.txt", out_dir)
+    (out_dir / "notes.md").write_text("the user's own file")
+    download(f"{server}/large.txt", out_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["large.txt", "notes.md", "sources.json"]
 
 
 # (sources, download() keywords, words the message must contain); {src}: local_corpus's folder
 MULTI_FAILURES = {
     "source-checksum": (lambda src: [str(src / "corpus.txt"), {"url": str(src / "other.txt"), "sha256": "0" * 64}],
                         {}, ["checksum mismatch", str(Path("other.txt")), sha256(OTHER), "data.url"]),
-    "joined-checksum": (lambda src: [str(src / "corpus.txt"), str(src / "other.txt")], {"sha256": "0" * 64},
-                        ["checksum mismatch", "joined from 2 files", "data.sha256",
-                         sha256(GOOD + SEPARATOR + OTHER)]),
+    "sha256-of-several": (lambda src: [str(src / "corpus.txt"), str(src / "other.txt")], {"sha256": "0" * 64},
+                          ["data.sha256 checks one file", "data.url names 2", "{url: ..., sha256: ...}"]),
     "max-bytes-over-all-sources": (lambda src: [str(src / "corpus.txt"), str(src / "other.txt")],
                                    {"max_bytes": len(GOOD) + 10}, ["the corpus reaches", "data.max_bytes"]),
-    "gz-decompressed-over-max": (lambda src: str(src / "big.gz"), {"max_bytes": 1000}, ["data.max_bytes=1000"]),
-    "not-gzip": (lambda src: str(src / "fake.gz"), {}, ["not a valid gzip file", "rename"]),
-    "truncated-gz": (lambda src: str(src / "cut.gz"), {}, ["not a valid gzip file"]),
+    "parquet-compressed": (lambda src: str(src / "rows.parquet.gz"), {}, ["compresses its own columns"]),
     "checksum-on-a-directory": (lambda src: [{"url": str(src), "sha256": "0" * 64}], {},
                                 ["a directory", "one file", "{url: ..., sha256: ...}"]),
     "bad-item": (lambda src: [str(src / "corpus.txt"), 5], {}, ["data.url item 2", "5"]),
@@ -287,21 +303,19 @@ def test_multi_source_failure_names_cause_and_fix_and_leaves_nothing(local_corpu
                                                                      kwargs, words):
     src = local_corpus.parent
     (src / "other.txt").write_bytes(OTHER)
-    (src / "big.gz").write_bytes(gzip.compress(b"y" * 5000))  # 5000 bytes unpacked, a few dozen packed
-    (src / "fake.gz").write_bytes(GOOD)
-    (src / "cut.gz").write_bytes(GZIPPED[:-20])
+    (src / "rows.parquet.gz").write_bytes(GZIPPED)
     (src / "empty").mkdir()
     with pytest.raises(PipelineError) as excinfo:
-        download(sources(src), out_dir / "corpus.txt", **kwargs)
+        download(sources(src), out_dir, **kwargs)
     for word in words:
         assert word in str(excinfo.value)
     assert list(out_dir.iterdir()) == []
 
 
-def test_a_directory_holding_the_output_is_refused(local_corpus):
-    with pytest.raises(PipelineError, match="includes the output"):
-        download(str(local_corpus.parent), local_corpus)
-    assert local_corpus.read_bytes() == GOOD
+def test_a_source_inside_the_output_folder_is_refused(local_corpus):
+    with pytest.raises(PipelineError, match="inside the download stage's output folder"):
+        download(str(local_corpus.parent), local_corpus.parent)
+    assert [p.name for p in local_corpus.parent.iterdir()] == ["corpus.txt"]
 
 
 @pytest.mark.parametrize("url, error", [
@@ -324,9 +338,11 @@ def test_url_param_validation(tmp_path, url, error):
 def test_stage_reads_a_list_of_sources_from_params(tmp_path, local_corpus, documents):
     params = write_params(tmp_path / "params.yaml", sha256=None,
                           url=[str(local_corpus), {"url": str(documents / "d.txt.gz"),
-                                                   "sha256": sha256((documents / "d.txt.gz").read_bytes())}])
-    out = tmp_path / "out" / "corpus.txt"
+                                                   "sha256": sha256((documents / "d.txt.gz").read_bytes())}],
+                          val_url=str(documents / "b"))
+    out = tmp_path / "out"
     result = subprocess.run([sys.executable, "stages/download.py", "--params", str(params), "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert out.read_bytes() == GOOD + SEPARATOR + b"last document"
+    assert [(f.local, f.split) for f in read_manifest(out)] == [
+        (str(local_corpus), None), (str(documents / "d.txt.gz"), None), (str(documents / "b" / "c.txt"), "val")]

@@ -12,7 +12,9 @@ Other suites test single causes in depth (test_download, test_checkpoint, test_w
 import contextlib
 import dataclasses
 import errno
+import gzip
 import importlib
+import io
 import json
 import logging
 import math
@@ -27,27 +29,23 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import ROOT, run_stage, run_stage_cli, stage_args, stage_command, stage_module, write_params
-from gptpipe import files
+from conftest import HOSTILE, ROOT, run_stage, run_stage_cli, stage_args, stage_command, stage_module, write_params
+from gptpipe import corpus, files
+from gptpipe.download import download
 from gptpipe.checkpoint import HEADER_KEY, read_model_file, save_model
 from gptpipe.errors import Terminated
 from gptpipe.generate import beam_search, generate, next_token
 from gptpipe.model import GPTConfig, GPTModel
 from gptpipe.params import Auto, GPT2_VOCAB_SIZE, Params, load_params
 
-# The smallest config that runs every stage's code.
-HOSTILE = {
-    "model": {"context_length": 16, "emb_dim": 8, "n_heads": 2, "n_layers": 1},
-    "train": {"epochs": 1, "stride": 16, "batch_size": 4, "eval_freq": 2, "eval_iter": 1, "max_steps": 3,
-              "device": "cpu"},
-    "evaluate": {"max_tokens": 64},
-    "sample": {"max_new_tokens": 4},
-}
 STAGES = ("download", "tokenize_corpus", "pretrain", "evaluate", "sample", "export")
 NOBODY = 65534
 
@@ -375,6 +373,19 @@ def foreign_model(ws: Path, state: dict, config: dict | None = None) -> None:
     save_file(state, ws / "model.safetensors", metadata={HEADER_KEY: json.dumps(header)})
 
 
+def source(ws: Path, name: str, content: bytes | str) -> None:
+    """Make `content` the corpus: the file `name`, listed by the download stage."""
+    write(ws / name, content)
+    write_params(ws / "params.yaml", HOSTILE, ws / name)
+    run_stage("download", ws / "params.yaml", *args_for("download", ws))
+
+
+def parquet(values: list, field: str = "text") -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({field: pa.array(values, None if values else pa.string())}), buffer)
+    return buffer.getvalue()
+
+
 def init_from(ws: Path, corpus_path: Path, path: Path) -> None:
     write_params(ws / "params.yaml", {**HOSTILE, "model": {**HOSTILE["model"], "init_from": str(path)}}, corpus_path)
 
@@ -394,20 +405,52 @@ INPUTS = {  # case: (stage, how to spoil its input in ws (and the corpus), what 
                                    ["is a directory that holds no files"]),
     "source a device": ("download", lambda ws, c: write_params(ws / "params.yaml", HOSTILE, Path(os.devnull)),
                         ["which is neither a file nor a directory (a device or a pipe?)"]),
-    "source not gzip": ("download", lambda ws, c: (write(ws / "src.gz", "plain text"), write_params(
-        ws / "params.yaml", HOSTILE, ws / "src.gz")), ["is not a valid gzip file", "rename it"]),
-    # tokenize: the corpus
-    "corpus missing": ("tokenize_corpus", lambda ws, c: (ws / "corpus.txt").unlink(),
-                       ["corpus.txt not found: run the download stage first"]),
-    "corpus empty": ("tokenize_corpus", lambda ws, c: write(ws / "corpus.txt", b""), ["is empty: check data.url"]),
-    "corpus only blanks": ("tokenize_corpus", lambda ws, c: write(ws / "corpus.txt", "  \n\n "),
-                           ["is empty: check data.url"]),
-    "corpus cut in a character": ("tokenize_corpus", lambda ws, c: write(ws / "corpus.txt", c.read_bytes() + b"\xc3"),
-                                  ["is not UTF-8", "unexpected end of data"]),
-    "corpus a folder": ("tokenize_corpus", lambda ws, c: write(ws / "corpus.txt", None),
-                        ["corpus.txt is a directory where a file is expected"]),
-    "corpus latin-1": ("tokenize_corpus", lambda ws, c: write(ws / "corpus.txt", "caf\u00e9".encode("latin-1")),
+    "source a compressed Parquet file": ("download", lambda ws, c: (write(ws / "src.parquet.gz", "x"), write_params(
+        ws / "params.yaml", HOSTILE, ws / "src.parquet.gz")), ["src.parquet.gz: a Parquet file compresses its own"]),
+    # tokenize: the download stage's manifest, and the files it lists
+    "manifest missing": ("tokenize_corpus", lambda ws, c: (ws / "raw/sources.json").unlink(),
+                         ["sources.json not found: run the download stage first"]),
+    "manifest not JSON": ("tokenize_corpus", lambda ws, c: write(ws / "raw/sources.json", "{"),
+                          ["sources.json is not a manifest of the download stage", "run the download stage again"]),
+    "manifest of nothing": ("tokenize_corpus", lambda ws, c: write(ws / "raw/sources.json", '{"files": []}'),
+                            ["sources.json lists no files", "run the download stage again"]),
+    "manifest a folder": ("tokenize_corpus", lambda ws, c: write(ws / "raw/sources.json", None),
+                          ["sources.json is a directory where a file is expected"]),
+    "corpus only blanks": ("tokenize_corpus", lambda ws, c: source(ws, "src.txt", "  \n\n "),
+                           ["data.url holds no text", "check data.url"]),
+    "corpus cut in a character": ("tokenize_corpus", lambda ws, c: source(ws, "src.txt", c.read_bytes() + b"\xc3"),
+                                  ["src.txt is not UTF-8", "unexpected end of data"]),
+    "corpus latin-1": ("tokenize_corpus", lambda ws, c: source(ws, "src.txt", "caf\u00e9".encode("latin-1")),
                        ["is not UTF-8", "iconv"]),
+    "corpus changed since download": ("tokenize_corpus", lambda ws, c: (source(ws, "src.txt", c.read_bytes()),
+                                                                        write(ws / "src.txt", "edited")),
+                                      ["src.txt changed since the download stage recorded it", "dvc repro -f download"]),
+    "corpus gone since download": ("tokenize_corpus", lambda ws, c: (source(ws, "src.txt", c.read_bytes()),
+                                                                     (ws / "src.txt").unlink()),
+                                   ["cannot read", "src.txt (No such file or directory)"]),
+    # tokenize: corpora as they ship, spoiled
+    "parquet truncated": ("tokenize_corpus", lambda ws, c: source(ws, "a.parquet", parquet(["a story"] * 50)[:-100]),
+                          ["a.parquet is not a readable Parquet file", "download it again"]),
+    "parquet without the field": ("tokenize_corpus", lambda ws, c: source(ws, "a.parquet", parquet(["x"], "story")),
+                                  ["a.parquet has no column 'text' (it has story)", "set data.text_field"]),
+    "parquet of numbers": ("tokenize_corpus", lambda ws, c: source(ws, "a.parquet", parquet([1, 2])),
+                           ["a.parquet: column 'text' holds int64, not text", "data.text_field"]),
+    "jsonl line not JSON": ("tokenize_corpus", lambda ws, c: source(ws, "a.jsonl", '{"text": "a"}\n{"text": "b\n'),
+                            ["a.jsonl line 2 is not JSON", "one object per line"]),
+    "jsonl line an array": ("tokenize_corpus", lambda ws, c: source(ws, "a.json", '[{"text": "a"}, {"text": "b"}]\n'),
+                            ["a.json line 1 is a JSON list, not an object", "each line must be one object"]),
+    "jsonl row without the field": ("tokenize_corpus", lambda ws, c: source(ws, "a.jsonl", '{"text": "a"}\n{"body": 1}\n'),
+                                    ["a.jsonl row 2 has no field 'text'", "data.bad_rows to skip"]),
+    "jsonl row null": ("tokenize_corpus", lambda ws, c: source(ws, "a.jsonl", '{"text": "a"}\n{"text": null}\n'),
+                       ["a.jsonl row 2 has null in the field 'text'"]),
+    "jsonl invalid UTF-8": ("tokenize_corpus", lambda ws, c: source(ws, "a.jsonl", b'{"text": "caf\xe9"}\n'),
+                            ["a.jsonl line 1 is not UTF-8", "invalid continuation byte"]),
+    "jsonl.gz not gzip": ("tokenize_corpus", lambda ws, c: source(ws, "a.jsonl.gz", '{"text": "plain"}\n'),
+                          ["a.jsonl.gz is not a valid gzip file", "rename it"]),
+    "jsonl.gz truncated": ("tokenize_corpus", lambda ws, c: source(ws, "a.jsonl.gz", gzip.compress(
+        b'{"text": "a story"}\n' * 100)[:-30]), ["a.jsonl.gz is not a valid gzip file", "ended before the end-of-stream marker"]),
+    "jsonl.zst not zstd": ("tokenize_corpus", lambda ws, c: source(ws, "a.jsonl.zst", '{"text": "plain"}\n'),
+                           ["a.jsonl.zst is not a valid zstd file"]),
     # pretrain and evaluate: the tokens
     "meta.json missing": ("pretrain", lambda ws, c: (ws / "tokens/meta.json").unlink(),
                           ["meta.json not found: run the tokenize stage first"]),
@@ -516,7 +559,7 @@ def test_an_input_that_is_missing_empty_truncated_or_of_another_kind(ws, corpus_
 
 
 UNREADABLE = {  # stage: the input made unreadable
-    "download": "src.txt", "tokenize_corpus": "corpus.txt", "pretrain": "tokens/train.bin",
+    "download": "src.txt", "tokenize_corpus": "raw/sources.json", "pretrain": "tokens/train.bin",
     "evaluate": "tokens/meta.json", "sample": "model.safetensors", "export": "model.safetensors",
 }
 
@@ -535,7 +578,8 @@ def test_an_unreadable_input(open_ws, corpus_path, script):
 # ---------------------------------------------------------------- every output path
 
 IN_THE_WAY = [  # (stage, output, what stands in its place, what the error says)
-    ("download", "corpus.txt", "a folder", ["corpus.txt is a directory where a file is expected"]),
+    ("download", "raw", "a file", ["raw exists and is not a directory"]),
+    ("download", "raw/sources.json", "a folder", ["sources.json is a directory where a file is expected"]),
     ("tokenize_corpus", "tokens", "a file", ["tokens exists and is not a directory"]),
     ("tokenize_corpus", "tokens/train.bin", "a folder", ["train.bin is a directory where a file is expected"]),
     ("tokenize_corpus", "tokens/meta.json", "a folder", ["meta.json is a directory"]),
@@ -625,7 +669,7 @@ def full_disk(mount_point: Path, previous: dict[str, Path]):
 
 
 FULL = {  # stage: the outputs placed on the full disk (option: name there)
-    "download": {"out": "corpus.txt"}, "tokenize_corpus": {"out": "tokens"},
+    "download": {"out": "raw"}, "tokenize_corpus": {"out": "tokens"},
     # the model, written after training (the curves and metrics are written before it: a full
     # disk there stops the stage before training, as a path in the way does)
     "pretrain": {"model": "model.safetensors"},
@@ -710,7 +754,7 @@ def sigterm_guard():
 
 POINTS = {  # where a signal lands: (module, function) after whose call it is sent
     "start": {"": ("gptpipe.params", "load_params"), "export": ("gptpipe.checkpoint", "load_model")},
-    "work": {"download": ("gptpipe.download:CorpusWriter", "write"),
+    "work": {"download": ("gptpipe.download", "hash_local"),
              "tokenize_corpus": ("gptpipe.tokens:TokenWriter", "write"),
              "evaluate": ("gptpipe.metrics", "batch_loss"), "sample": ("gptpipe.generate", "next_token"),
              "export": ("gptpipe.weights", "to_hf_state_dict")},
@@ -856,10 +900,38 @@ def test_a_device_that_is_not_there(ws, corpus_path, device):
 
 
 def test_a_corpus_too_small_for_one_window(ws):
-    (ws / "corpus.txt").write_text("Every effort moves you. " * 30)  # 180 tokens: val gets 18, context is 16
+    source(ws, "src.txt", "Every effort moves you. " * 30)  # 180 tokens: val gets 18, context is 16
     assert run_stage_cli("tokenize_corpus", ws / "params.yaml", *args_for("tokenize_corpus", ws)).status == 0
     write_params(ws / "params.yaml", {**HOSTILE, "model": {**HOSTILE["model"], "context_length": 32}})
     run_failing("pretrain", ws, "the val split has", "model.context_length=32", "data.train_ratio")
+
+
+def test_corpora_at_the_edges_give_a_correct_result(tmp_path):
+    """An empty shard among others, a document that is only <|endoftext|>, and a single
+    document of 100 MB in one JSON line (held whole, as a row must be), encoded in chunks."""
+    gpt2 = corpus.gpt2_encoding()
+    eot, word = gpt2.eot_token, gpt2.encode_ordinary(" word")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.parquet").write_bytes(parquet([]))  # a shard with no rows
+    (tmp_path / "src/b.jsonl").write_text(json.dumps({"text": "<|endoftext|>"}) + "\n")
+    repeats = 100_000_000 // len(" word")
+    (tmp_path / "src/c.jsonl").write_text(json.dumps({"text": "word" + " word" * (repeats - 1)}) + "\n")
+    (tmp_path / "src/d.jsonl.gz").write_bytes(gzip.compress(b""))  # an empty compressed shard
+    corpus.tokenize_corpus(tmp_path / "src/b.jsonl", tmp_path / "one", 0.5)  # one document: text, no separator
+    assert read_ids(tmp_path / "one", "train") == gpt2.encode_ordinary("<|endo")
+    assert read_ids(tmp_path / "one", "val") == gpt2.encode_ordinary("ftext|>")
+    files = download(str(tmp_path / "src"), tmp_path / "raw")
+    assert [f.bytes > 0 for f in files] == [True, True, True, True]
+    meta = corpus.tokenize_corpus(tmp_path / "raw", tmp_path / "tokens", 1e-7, workers=2)  # val: the big one
+    assert meta["documents"] == 2 and meta["splits"]["val"]["documents"] == 1
+    assert read_ids(tmp_path / "tokens", "train") == [*gpt2.encode_ordinary("<|endoftext|>"), eot]
+    val = np.fromfile(tmp_path / "tokens/val.bin", dtype=np.uint16)
+    assert len(val) == repeats + 1 and val[-1] == eot and val[0] == gpt2.encode_ordinary("word")[0]
+    assert (val[1:-1] == word[0]).all()
+
+
+def read_ids(tokens: Path, split: str) -> list[int]:
+    return np.fromfile(tokens / f"{split}.bin", dtype=np.uint16).tolist()
 
 
 PADDED = GPTConfig(vocab_size=50304, context_length=8, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0)

@@ -1,5 +1,5 @@
 """Streaming tokenize: the same ids as one-shot encoding, safe chunk cuts, splits by characters
-and by document, the test split, and bounded memory."""
+and by document, the test split, and bounded memory. (File formats and the Hub: test_corpora.py.)"""
 
 import json
 import random
@@ -10,8 +10,8 @@ import pytest
 import tiktoken
 
 from conftest import ROOT, write_params
-from gptpipe import corpus
-from gptpipe.corpus import SAFE_CUT, cut_chunks, plan_splits, scan_corpus, split_pieces, tokenize_corpus
+from gptpipe import corpus, documents
+from gptpipe.corpus import SAFE_CUT, cut_chunks, tokenize_corpus
 from gptpipe.errors import PipelineError
 from gptpipe.params import load_params
 from gptpipe.tokenizer import token_byte_lengths
@@ -21,8 +21,13 @@ GPT2 = tiktoken.get_encoding("gpt2")
 
 
 def one_shot(text: str) -> list[int]:
-    """What the tokenize stage did before it streamed: encode the whole text in one call."""
-    return GPT2.encode(text, allowed_special={EOT})
+    """Encoding the whole text in one call, a literal <|endoftext|> as text."""
+    return GPT2.encode_ordinary(text)
+
+
+def by_document(docs: list[str]) -> list[int]:
+    """Each document's ids followed by <|endoftext|>."""
+    return [i for doc in docs for i in [*one_shot(doc), GPT2.eot_token]]
 
 
 def read_split(out, name: str) -> list[int]:
@@ -31,8 +36,8 @@ def read_split(out, name: str) -> list[int]:
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Read the corpus 7 bytes at a time, so blocks end inside characters and separators."""
-    monkeypatch.setattr(corpus, "READ_BYTES", 7)
+    """Read text files 7 bytes at a time, so blocks end inside characters."""
+    monkeypatch.setattr(documents, "READ_BYTES", 7)
 
 
 @pytest.mark.parametrize("chunk_chars, workers", [(corpus.CHUNK_CHARS, None), (1, 2), (500, 1), (500, 2)])
@@ -44,7 +49,7 @@ def test_verdict_splits_equal_one_shot_encoding_of_each_part(verdict_path, tmp_p
     assert read_split(tmp_path, "val") == one_shot(text[cut:])
     assert not (tmp_path / "test.bin").exists()
     assert meta == json.loads((tmp_path / "meta.json").read_text())
-    assert meta["split"] == {"by": "characters", "train_ratio": 0.9, "test_ratio": 0.0}
+    assert meta["split"] == {"by": "characters", "train_ratio": 0.9, "test_ratio": 0.0, "val": "data.url"}
     assert meta["documents"] == 1 and meta["bytes"] == verdict_path.stat().st_size
     assert meta["splits"]["train"] == {"file": "train.bin", "characters": cut, "bytes": len(text[:cut].encode()),
                                        "documents": 1, "tokens": len(one_shot(text[:cut]))}
@@ -120,46 +125,40 @@ def test_verdict_cut_everywhere_safe_keeps_the_ids(verdict_path):
     assert [i for chunk in chunks for i in one_shot(chunk)] == one_shot(text)
 
 
-def test_pieces_across_tiny_blocks_rebuild_each_split(tmp_path, small_blocks):
-    docs = ["Première « phrase » — 東京.\n", "second\n\ndocument  ", "", "🙂 fourth one", "last"]
+def test_one_document_read_in_tiny_blocks_splits_by_characters(tmp_path, small_blocks):
+    text = f"Première « phrase » — 東京.\nsecond\n\ndocument  {EOT} 🙂 fourth one last" * 3
     path = tmp_path / "corpus.txt"
-    path.write_text(EOT.join(docs), encoding="utf-8")
-    scan = scan_corpus(path)
-    assert scan.characters == len(EOT.join(docs)) and scan.bytes == path.stat().st_size
-    starts, offset = [], 0
-    for doc in docs:
-        starts.append(offset)
-        offset += len(doc) + len(EOT)
-    assert scan.document_starts.tolist() == starts
-    splits = plan_splits(scan, 0.5, 0.2)
-    pieces = list(split_pieces(path, splits, chunk_chars=3))
-    for k, split in enumerate(splits):
-        assert "".join(text for i, text in pieces if i == k) == EOT.join(docs)[split.start:split.end]
+    path.write_text(text, encoding="utf-8")
+    tokenize_corpus(path, tmp_path / "t", 0.5, 0.2, chunk_chars=3, workers=1)
+    a, b = int(0.5 * len(text)), int(0.8 * len(text))
+    for name, part in (("train", text[:a]), ("val", text[a:b]), ("test", text[b:])):
+        assert read_split(tmp_path / "t", name) == one_shot(part), name
 
 
 def documents_corpus(tmp_path, n_docs: int, seed: int = 1) -> tuple:
+    """`n_docs` random documents as rows of a JSON-lines file."""
     rng = random.Random(seed)
-    words = "the a painter said Gisburn I had always thought Jack cheap genius, wife. \n".split(" ")
+    words = f"the a painter said Gisburn I had always thought Jack cheap genius, wife. \n {EOT}".split(" ")
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 80))) for _ in range(n_docs)]
-    path = tmp_path / "corpus.txt"
-    path.write_text(EOT.join(docs), encoding="utf-8")
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
     return path, docs
 
 
 def expected_by_document(docs: list[str], train_ratio: float, test_ratio: float) -> list[list[str]]:
     """Each document to the split where it starts, from the definition."""
-    n = len(EOT.join(docs))
+    n = sum(len(doc) for doc in docs)
     cuts = [int(train_ratio * n), int((1 - test_ratio) * n), n + 1]
     splits: list[list[str]] = [[], [], []]
     start = 0
     for doc in docs:
         splits[next(k for k, cut in enumerate(cuts) if start < cut)].append(doc)
-        start += len(doc) + len(EOT)
+        start += len(doc)
     return splits
 
 
 @pytest.mark.parametrize("test_ratio", [0.0, 0.1])
-def test_several_documents_split_by_document(tmp_path, test_ratio, small_blocks):
+def test_several_documents_split_by_document(tmp_path, test_ratio):
     path, docs = documents_corpus(tmp_path, 60)
     out = tmp_path / "tokens"
     meta = tokenize_corpus(path, out, 0.8, test_ratio, workers=2, chunk_chars=50)
@@ -167,9 +166,9 @@ def test_several_documents_split_by_document(tmp_path, test_ratio, small_blocks)
     names = ["train", "val", "test"] if test_ratio else ["train", "val"]
     assert meta["split"]["by"] == "documents" and meta["documents"] == 60
     for name, split_docs in zip(names, expected):
-        assert read_split(out, name) == one_shot(EOT.join(split_docs)), name
+        assert read_split(out, name) == by_document(split_docs), name
         assert meta["splits"][name]["documents"] == len(split_docs) > 0
-        assert meta["splits"][name]["bytes"] == len(EOT.join(split_docs).encode())
+        assert meta["splits"][name]["bytes"] == sum(len(doc.encode()) + len(EOT) for doc in split_docs)
     assert sum(len(d) for d in expected) == 60
 
 
@@ -182,8 +181,8 @@ def test_split_bytes_equal_the_bytes_of_its_tokens(tmp_path):
 
 
 def test_a_split_without_a_document_names_the_ratios(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(f"first half of the text{EOT}second half of the text", encoding="utf-8")
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "first half of the text"}\n{"text": "second half of the text"}\n', encoding="utf-8")
     with pytest.raises(PipelineError, match="val split gets no document.*data.train_ratio or data.test_ratio"):
         tokenize_corpus(path, tmp_path / "out", 0.9)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
@@ -191,7 +190,8 @@ def test_a_split_without_a_document_names_the_ratios(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (b"caf\xe9 latin-1", "not UTF-8.*iconv"),
-    (b" \n\t ", "empty"),
+    (b" \n\t ", "holds no text"),
+    (b"", "holds no text"),
 ])
 def test_unreadable_corpus(tmp_path, content, message):
     path = tmp_path / "corpus.txt"
@@ -205,8 +205,7 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
     and a small fraction of it: neither the whole text nor all ids are held. (It grows by 8
     bytes per document, hence documents of about 50 kB here.)"""
     path, docs = documents_corpus(tmp_path, 20)
-    unit = " ".join(docs * 10) + EOT
-    monkeypatch.setattr(corpus, "READ_BYTES", 1 << 14)
+    unit = json.dumps({"text": " ".join(docs * 10)}) + "\n"
     token_byte_lengths(), corpus.gpt2_encoding()  # loaded once per process, not per corpus
     peaks = {}
     for megabytes in (1, 6):

@@ -105,6 +105,7 @@ class Stream:
     names: list[str] | None = None
     bounds: np.ndarray | None = None
     by_documents: bool = True
+    has_text: bool = False  # some character that is not white space
 
     def split_at(self, position: int) -> int:
         """The index in `names` of the split holding document (or character) `position`."""
@@ -120,20 +121,21 @@ def scan(files: Sequence[tuple[CorpusFile, Path]], rules: RowRules) -> dict[bool
             cause = "changed since" if file.local else "is not the file"
             raise PipelineError(f"{file.name} {cause} the download stage recorded it (sha256 {file.sha256}): "
                                 f"run the download stage again (dvc repro -f download), then the pipeline")
-        lengths = streams[file.split == "val"].lengths
+        stream = streams[file.split == "val"]
         for starts, text in document_blocks(path, file.name, rules):
             if starts:
-                lengths.append(0)
-            lengths[-1] += len(text)
+                stream.lengths.append(0)
+            stream.lengths[-1] += len(text)
+            stream.has_text = stream.has_text or not text.isspace()
     return streams
 
 
 def plan(streams: dict[bool, Stream], train_ratio: float, test_ratio: float) -> list[str]:
     """Set each stream's splits (see the module's docstring); the names of all splits, in order."""
     main, val = streams[False], streams[True]
-    if not main.lengths:
-        raise PipelineError("data.url holds no text (every file or row is empty): check data.url"
-                            + (" and data.text_field" if val.lengths else ""))
+    for stream, key in ((main, "data.url"), (val, "data.val_url")):
+        if (stream.lengths or not stream.val) and not stream.has_text:
+            raise PipelineError(f"{key} holds no text (its files or rows are empty or white space): check {key}")
     if val.lengths:
         main.names, ratios = (["train", "test"], [1 - test_ratio]) if test_ratio > 0 else (["train"], [])
         val.names, val.bounds, val.by_documents = ["val"], np.zeros(1, dtype=np.int64), len(val.lengths) > 1

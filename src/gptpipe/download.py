@@ -96,6 +96,7 @@ class Download:
     max_bytes: int | None
     timeout: float
     previous: dict[str, Path]  # sha256 -> a file the previous run stored
+    pinned: str | None = None  # data.sha256, while data.url's one source is resolved
     files: list[CorpusFile] = field(default_factory=list)
     total: int = 0
 
@@ -136,10 +137,14 @@ def download(url: str | Sequence[str | Mapping[str, Any] | Source], out_dir: str
             if value is None:
                 continue
             sources = parse_sources(value, key)
-            if key == "data.url" and sha256 is not None and len(sources) == 1 and sources[0].sha256 is None:
-                sources = [Source(sources[0].url, sha256)]  # the one file data.sha256 checks: its bytes are known
+            if key == "data.url" and len(sources) == 1:
+                run.pinned = sha256  # the one file data.sha256 checks: its bytes may be known here
             for source in sources:
                 resolve(source, key, split, run)
+            named = [f for f in run.files if f.split == split]
+            if not any(f.bytes for f in named):  # refused here, where the param is the cause
+                what = named[0].name if len(named) == 1 else f"every file {key} names"
+                raise PipelineError(f"{what} is empty: point {key} at the corpus")
         main = [f for f in run.files if f.split is None]
         if sha256 is not None:
             if len(main) != 1:
@@ -207,19 +212,18 @@ def fetch(source: Source, split: str | None, run: Download) -> None:
     file_format(source.url)
     name = run.store_name(source.url)
     with atomic_path(run.out_dir / name) as tmp:
-        known = known_copy(source.sha256, run.previous)
+        pinned = source.sha256 or run.pinned
+        known = known_copy(pinned, run.previous)
         if known is not None:
-            log.info(f"{source.url}: sha256 {source.sha256} is {known[1]}; not downloaded")
+            log.info(f"{source.url}: sha256 {pinned} is {known[1]}; not downloaded")
             run.count(source.url, known[0].stat().st_size)
             shutil.copyfile(known[0], tmp)
-            size, digest = tmp.stat().st_size, source.sha256
+            size, digest = tmp.stat().st_size, pinned
         else:
             with open(tmp, "wb") as out:
                 size, digest = copy_remote(source.url, out, run)
         require_checksum(source.url, f"the sha256 {source.sha256} given for it in data.url", source.sha256, digest,
                          "fix its url, or its sha256 if the change is intended")
-        if size == 0:
-            raise PipelineError(f"{source.url} is empty: point data.url at the corpus")
     run.files.append(CorpusFile(source.url, source.url, split, size, digest, stored=name))
 
 

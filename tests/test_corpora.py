@@ -1,0 +1,224 @@
+"""Real corpora: Parquet, JSON lines (.gz, .zst) and text files, each document kept exact (a
+literal <|endoftext|> in one is text), a dataset's own val split, rows without text, and
+datasets by name from a stand-in Hugging Face Hub on localhost, online and from the cache."""
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+import zstandard
+
+from conftest import HOSTILE, ROOT, run_stage, stage_args, write_params
+from gptpipe.corpus import tokenize_corpus
+from gptpipe.download import download
+from gptpipe.errors import PipelineError
+from gptpipe.sources import read_manifest
+from standin_hub import COMMIT, Repos, standin_hub
+
+EOT = "<|endoftext|>"
+GPT2 = tiktoken.get_encoding("gpt2")
+# Documents a boundary-by-text corpus would cut or merge: the separator inside, alone, at the ends.
+TRICKY = [f"GPT-2 marks the end of a text with {EOT}, which is also just text here.", EOT,
+          f"{EOT} starts this one", f"and this one ends with {EOT}", "naïve café 東京 🙂\n\nwith a blank line",
+          "   leading and trailing white space   "]
+
+
+def stories(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = "the a painter said Gisburn had always thought Jack cheap genius his wife , . \n".split(" ")
+    return [" ".join(rng.choice(words, size=int(rng.integers(20, 60)))) for _ in range(n)]
+
+
+def parquet_bytes(docs: list, field: str = "text", row_group_size: int = 4) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({field: docs, "id": list(range(len(docs)))}), buffer, row_group_size=row_group_size)
+    return buffer.getvalue()
+
+
+def jsonl_bytes(docs: list, field: str = "text") -> bytes:
+    return "".join(json.dumps({field: doc, "meta": {"n": i}}) + "\n" for i, doc in enumerate(docs)).encode()
+
+
+def by_document(docs: list[str]) -> list[int]:
+    """Each document's ids as ordinary text, followed by <|endoftext|>."""
+    return [i for doc in docs for i in [*GPT2.encode_ordinary(doc), GPT2.eot_token]]
+
+
+def read_ids(tokens: Path, split: str) -> list[int]:
+    return np.fromfile(tokens / f"{split}.bin", dtype=np.uint16).tolist()
+
+
+@pytest.fixture
+def shards(tmp_path) -> tuple[Path, list[str]]:
+    """A folder of one corpus in every format, and its documents in the order they are read."""
+    parts = [TRICKY[:3], stories(6, 1), TRICKY[3:], stories(5, 2), stories(2, 3)]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.parquet").write_bytes(parquet_bytes(parts[0]))
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(parts[1])))
+    (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(parts[2])))
+    (folder / "d.json").write_bytes(jsonl_bytes(parts[3]))
+    (folder / "e.txt").write_text(EOT.join(parts[4]), encoding="utf-8")  # one file, one document
+    return folder, [*parts[0], *parts[1], *parts[2], *parts[3], EOT.join(parts[4])]
+
+
+def test_every_document_is_its_ordinary_ids_and_a_separator_in_every_format(shards, tmp_path):
+    folder, docs = shards
+    files = download(str(folder), tmp_path / "raw")
+    assert len(files) == 5 and all(f.local for f in files)
+    meta = tokenize_corpus(tmp_path / "raw", tmp_path / "tokens", 0.6, 0.2, workers=2, chunk_chars=16)
+    assert meta["documents"] == len(docs) and meta["split"]["by"] == "documents"
+    ids = [i for split in ("train", "val", "test") for i in read_ids(tmp_path / "tokens", split)]
+    assert ids == by_document(docs)  # in order, each whole in one split, the literal separator as text
+    counts = [meta["splits"][s]["documents"] for s in ("train", "val", "test")]
+    assert sum(counts) == len(docs) and min(counts) > 0
+    assert read_ids(tmp_path / "tokens", "train") == by_document(docs[:counts[0]])
+
+
+def test_a_datasets_own_val_split(shards, tmp_path):
+    folder, docs = shards
+    val = stories(3, 9)
+    (tmp_path / "val.parquet").write_bytes(parquet_bytes(val))
+    download(f"{folder}/*.json*", tmp_path / "raw", val_url=str(tmp_path / "val.parquet"))
+    meta = tokenize_corpus(tmp_path / "raw", tmp_path / "tokens", 0.9, 0.25, workers=1)
+    assert meta["split"]["val"] == "data.val_url" and meta["split"]["train_ratio"] is None
+    assert read_ids(tmp_path / "tokens", "val") == by_document(val)
+    train_and_test = docs[3:-1]  # the .json* files: b, c, d
+    n_train = meta["splits"]["train"]["documents"]
+    assert read_ids(tmp_path / "tokens", "train") + read_ids(tmp_path / "tokens", "test") == by_document(train_and_test)
+    assert 0 < n_train < len(train_and_test) and list(meta["splits"]) == ["train", "val", "test"]
+
+
+BAD_ROWS = [{"text": "fine"}, {"title": "no text field"}, {"text": None}, {"text": 42}, {"text": "also fine"}]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_rows_without_text_stop_the_stage_naming_file_and_row_or_are_skipped_and_counted(tmp_path, fmt):
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in BAD_ROWS))
+    else:  # Parquet has a schema: no missing field, but nulls
+        path.write_bytes(parquet_bytes(["fine", None, "also fine", None], row_group_size=2))
+    with pytest.raises(PipelineError, match=rf"rows.{fmt} row 2 has (no field|null in the field) 'text': set "
+                                            r"data.text_field .* data.bad_rows to skip"):
+        tokenize_corpus(path, tmp_path / "t", 0.5)
+    assert not (tmp_path / "t").exists()
+    meta = tokenize_corpus(path, tmp_path / "t", 0.2, bad_rows="skip")
+    assert meta["skipped_rows"] == (3 if fmt == "jsonl" else 2) and meta["documents"] == 2
+    assert read_ids(tmp_path / "t", "train") + read_ids(tmp_path / "t", "val") == by_document(["fine", "also fine"])
+
+
+def test_the_text_field_is_a_param(tmp_path):
+    path = tmp_path / "rows.parquet"
+    path.write_bytes(parquet_bytes(["one story", "another story"], field="story"))
+    with pytest.raises(PipelineError, match=r"has no column 'text' \(it has story, id\): set data.text_field"):
+        tokenize_corpus(path, tmp_path / "t", 0.5)
+    tokenize_corpus(path, tmp_path / "t", 0.2, text_field="story")
+    assert read_ids(tmp_path / "t", "val") == by_document(["another story"])
+
+
+# The Hugging Face Hub, stood in for on localhost.
+
+def hub_repos(shards: Path) -> Repos:
+    val = parquet_bytes(stories(12, 7))
+    files = {f"data/{p.name}": p.read_bytes() for p in sorted(shards.iterdir())}
+    return Repos({"datasets/test-org/stories": {**files, "val/validation.parquet": val, "README.md": b"# card"}},
+                 gated={"datasets/test-org/gated"})
+
+
+def run_download(params: Path, out: Path, hf_home: Path, **env: str) -> subprocess.CompletedProcess:
+    """The download stage as a process: huggingface_hub reads HF_* when imported."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "HUGGING_FACE_HUB_TOKEN"}
+    environment |= {"HF_HOME": str(hf_home), "NO_PROXY": "127.0.0.1", **env}
+    return subprocess.run([sys.executable, str(ROOT / "stages/download.py"), "--params", str(params), "--out", str(out)],
+                          capture_output=True, text=True, env=environment, timeout=120)
+
+
+@pytest.fixture
+def hf_cache(monkeypatch, tmp_path) -> Path:
+    """huggingface_hub in this process reads its cache in tmp_path and never the network."""
+    from huggingface_hub import constants
+    hf_home = tmp_path / "hf"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hf_home
+
+
+def test_a_dataset_by_name_through_the_hub_then_offline_from_its_cache(shards, tmp_path, hf_cache):
+    """data.url and data.val_url name files of a dataset repo (Parquet, JSON lines .gz/.zst,
+    text); download records the commit `main` resolved to; the whole pipeline runs on it, then
+    again with HF_HUB_OFFLINE=1 and the Hub gone, from the cache huggingface_hub laid out."""
+    folder, docs = shards
+    repos = hub_repos(folder)
+    params = write_params(tmp_path / "params.yaml", HOSTILE | {"data": {
+        "url": "hf://datasets/test-org/stories/data/*", "val_url": "hf://datasets/test-org/stories@main/val/*",
+        "sha256": None, "train_ratio": 0.9}})
+    with standin_hub(repos) as endpoint:
+        result = run_download(params, tmp_path / "online" / "raw", hf_cache, HF_ENDPOINT=endpoint)
+    assert result.returncode == 0, result.stderr
+    assert f"main is commit {COMMIT}" in result.stderr
+    files = read_manifest(tmp_path / "online" / "raw")
+    assert [f.name for f in files] == [f"hf://datasets/test-org/stories@{COMMIT}/{p}" for p in (
+        "data/a.parquet", "data/b.jsonl.gz", "data/c.jsonl.zst", "data/d.json", "data/e.txt", "val/validation.parquet")]
+    assert [f.split for f in files] == [None] * 5 + ["val"]
+    assert all(f.hub["commit"] == COMMIT and f.stored is None for f in files)
+    assert list((tmp_path / "online" / "raw").iterdir()) == [tmp_path / "online" / "raw" / "sources.json"]
+    snapshot = hf_cache / "hub/datasets--test-org--stories/snapshots" / COMMIT
+    assert (snapshot / "data/a.parquet").read_bytes() == (folder / "a.parquet").read_bytes()
+
+    # The Hub is gone: offline, the cache serves the same files.
+    result = run_download(params, tmp_path / "offline" / "raw", hf_cache, HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(tmp_path / "offline" / "raw") == files
+
+    for run in ("online", "offline"):
+        ws = tmp_path / run
+        for script in ("tokenize_corpus", "pretrain", "evaluate", "sample"):
+            run_stage(script, params, *stage_args(script, ws))
+        assert read_ids(ws / "tokens", "train") == by_document(docs)
+        assert json.loads((ws / "eval.json").read_text())["val"]["tokens"] > 0
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "online/tokens" / name).read_bytes() == (tmp_path / "offline/tokens" / name).read_bytes()
+
+
+HUB_FAILURES = {
+    "no such repo": ("hf://datasets/test-org/nothing/data/*", ["no such repository", "hf auth login"]),
+    "gated": ("hf://datasets/test-org/gated/x.parquet", ["the repository is gated", "hf auth login"]),
+    "no such revision": ("hf://datasets/test-org/stories@v9/data/*",
+                         ["no such revision", "data.url=hf://datasets/test-org/stories@<revision>"]),
+    "no file matches": ("hf://datasets/test-org/stories/data/*.arrow", ["no file of the repository matches",
+                                                                        "'data/*.arrow'", "/tree/main"]),
+    "over max_bytes": ("hf://datasets/test-org/stories/data/*", ["data.max_bytes=100", "raise data.max_bytes"]),
+    "not a dataset path": ("hf://models/test-org/stories", ["not a Hugging Face dataset path"]),
+}
+
+
+@pytest.mark.parametrize("url, words", HUB_FAILURES.values(), ids=HUB_FAILURES.keys())
+def test_hub_failures_are_one_line_naming_repo_revision_and_cause(shards, tmp_path, url, words):
+    params = write_params(tmp_path / "params.yaml", {"data": {
+        "url": url, "sha256": None, "max_bytes": 100 if "max_bytes" in str(words) else None}})
+    with standin_hub(hub_repos(shards[0])) as endpoint:
+        result = run_download(params, tmp_path / "raw", tmp_path / "hf", HF_ENDPOINT=endpoint)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and lines[-1].startswith("error: "), result.stderr
+    assert not any(line.startswith("Traceback") for line in lines), result.stderr
+    for word in words:
+        assert word in lines[-1], lines[-1]
+    assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
+
+
+def test_offline_without_the_files_in_the_cache_says_so(tmp_path):
+    params = write_params(tmp_path / "params.yaml", {"data": {"url": "hf://datasets/test-org/stories/data/*",
+                                                              "sha256": None}})
+    result = run_download(params, tmp_path / "raw", tmp_path / "hf", HF_HUB_OFFLINE="1")
+    assert result.returncode == 1
+    assert "is not in the Hugging Face cache" in result.stderr and "HF_HUB_OFFLINE is set" in result.stderr
