@@ -346,3 +346,20 @@ def test_stage_reads_a_list_of_sources_from_params(tmp_path, local_corpus, docum
     assert result.returncode == 0, result.stderr
     assert [(f.local, f.split) for f in read_manifest(out)] == [
         (str(local_corpus), None), (str(documents / "d.txt.gz"), None), (str(documents / "b" / "c.txt"), "val")]
+
+
+def test_under_dvc_a_pinned_file_stored_before_comes_from_the_dvc_cache(server, dvc_project):
+    """`dvc repro` removes data/raw before download runs again (here: data.max_bytes changed);
+    the file the run in dvc.lock stored is then taken from DVC's cache, not the network."""
+    from conftest import run_dvc
+
+    params = yaml.safe_load((dvc_project / "params.yaml").read_text())
+    params["data"].update(url=f"{server}/corpus.txt", sha256=GOOD_SHA256)
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_dvc(dvc_project, "repro", "download")
+    stored = dvc_project / "data/raw/corpus.txt"
+    assert stored.read_bytes() == GOOD
+    params["data"].update(url=f"http://127.0.0.1:{closed_port()}/corpus.txt", max_bytes=10**9)  # no network
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_dvc(dvc_project, "repro", "download")  # the URL is unreachable: the bytes can only be DVC's
+    assert stored.read_bytes() == GOOD and read_manifest(stored.parent)[0].stored == "corpus.txt"

@@ -9,15 +9,18 @@ Where each file's bytes come from and stay:
   which tokenize checks again as it reads.
 - an https/http/file URL: stored next to the manifest, as published (a .gz stays compressed).
   When its SHA-256 is pinned and those bytes are known here (a copy shipped with this package,
-  or the file this stage stored before), they are used without the network.
+  the file the run in dvc.lock stored, in DVC's cache, or the one in the output folder), they
+  are used without the network.
 
 Every file is verified against the SHA-256 the params give for it, if any; the outputs are
 written atomically, together, so a failure leaves the previous ones as they were.
 """
 
+import configparser
 import glob
 import hashlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlparse
 
+import yaml
 from tqdm import tqdm
 
 from gptpipe.errors import PipelineError
@@ -95,7 +99,7 @@ class Download:
     out_dir: Path
     max_bytes: int | None
     timeout: float
-    previous: dict[str, Path]  # sha256 -> a file the previous run stored
+    previous: dict[str, tuple[Path, str]]  # sha256 -> a file an earlier run stored, and where it is
     pinned: str | None = None  # data.sha256, while data.url's one source is resolved
     files: list[CorpusFile] = field(default_factory=list)
     total: int = 0
@@ -131,7 +135,8 @@ def download(url: str | Sequence[str | Mapping[str, Any] | Source], out_dir: str
     On any failure the previous outputs are left untouched and no temporary file remains."""
     out_dir = Path(out_dir)
     previous = previous_stored(out_dir)
-    run = Download(out_dir, max_bytes, timeout, {f.sha256: out_dir / f.stored for f in previous if f.stored})
+    known = {f.sha256: (out_dir / f.stored, "the file this stage stored before") for f in previous}
+    run = Download(out_dir, max_bytes, timeout, stored_in_dvc_cache(out_dir) | known)
     with written_together():
         for key, value, split in (("data.url", url, None), ("data.val_url", val_url, "val")):
             if value is None:
@@ -167,6 +172,28 @@ def previous_stored(out_dir: Path) -> list[CorpusFile]:
         return [f for f in read_manifest(out_dir) if f.stored and (out_dir / f.stored).is_file()]
     except (PipelineError, OSError):
         return []
+
+
+def stored_in_dvc_cache(out_dir: Path) -> dict[str, tuple[Path, str]]:
+    """The files the download stage stored in `out_dir` in the run dvc.lock records, found in
+    DVC's cache (`dvc repro` removes the output folder before it runs the stage): sha256 ->
+    (the cached file, where it is). Nothing when out_dir is not a DVC output of this project."""
+    try:
+        lock = yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8"))
+        outs = [out for stage in lock["stages"].values() for out in stage.get("outs", [])]
+        folder = next(out["md5"] for out in outs if Path(out["path"]) == out_dir and out["md5"].endswith(".dir"))
+        config = configparser.ConfigParser()
+        config.read([".dvc/config", ".dvc/config.local"])
+        cache = Path(".dvc") / config.get("cache", "dir", fallback="cache") / "files" / "md5"
+        listing = {entry["relpath"]: cache / entry["md5"][:2] / entry["md5"][2:]
+                   for entry in json.loads((cache / folder[:2] / folder[2:]).read_text())}
+        manifest = json.loads(listing[MANIFEST].read_text())
+        return {f["sha256"]: (listing[f["stored"]], f"in DVC's cache ({listing[f['stored']]}), stored by the run "
+                                                   f"dvc.lock records")
+                for f in manifest["files"] if f.get("stored") in listing}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration, yaml.YAMLError,
+            configparser.Error):
+        return {}  # no dvc.lock, no such output, an older layout: nothing known
 
 
 def resolve(source: Source, key: str, split: str | None, run: Download) -> None:
@@ -227,14 +254,14 @@ def fetch(source: Source, split: str | None, run: Download) -> None:
     run.files.append(CorpusFile(source.url, source.url, split, size, digest, stored=name))
 
 
-def known_copy(sha256: str | None, previous: dict[str, Path]) -> tuple[Path, str] | None:
+def known_copy(sha256: str | None, previous: dict[str, tuple[Path, str]]) -> tuple[Path, str] | None:
     """A file on this machine holding the bytes of SHA-256 `sha256`, verified, and where it is
     from (for the log); None when no such copy is known or `sha256` is None."""
     if sha256 is None:
         return None
     candidates = [(Path(str(p)), "the copy shipped with gptpipe") for p in SHIPPED.iterdir() if p.is_file()]
     if sha256 in previous:
-        candidates.append((previous[sha256], "the file this stage stored before"))
+        candidates.append(previous[sha256])
     for path, where in candidates:
         if hash_local(path, str(path))[0] == sha256:
             return path, f"{where} ({path})"
