@@ -64,27 +64,23 @@ def load_params_set(path: Path, params_file: Path) -> dict[str, Any]:
     if not isinstance(groups, dict) or not all(isinstance(keys, dict) for keys in groups.values()):
         raise PipelineError(f"{path} must map params groups to keys and values, as params.yaml does "
                             f"(e.g. train: {{max_steps: 50}})")
-    flat = {}
-    for group, keys in groups.items():
-        for key, value in keys.items():
-            if key not in (params.get(group) or {}):
-                raise PipelineError(f"{path}: {group}.{key} is not a key of {params_file}; "
-                                    f"use one of its keys")
-            flat[f"{group}.{key}"] = value
+    flat = {f"{group}.{key}": value for group, keys in groups.items() for key, value in keys.items()}
+    for key in flat:
+        if not has_key(params, key):
+            raise PipelineError(f"{path}: {key} is not a key of {params_file}; use one of its keys")
     return flat
-
-
-def resolve_commit(ref: str) -> str:
-    try:
-        return command(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"]).strip()
-    except PipelineError:
-        raise PipelineError(f"{ref} names no commit in this repository; fetch it (e.g. `git fetch "
-                            f"origin main`) or pass another --base") from None
 
 
 def has_key(params: Any, dotted: str) -> bool:
     group, key = dotted.split(".", 1)
     return isinstance(params, dict) and isinstance(params.get(group), dict) and key in params[group]
+
+
+def resolve_commit(ref: str, fix: str) -> str:
+    try:
+        return command(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"]).strip()
+    except PipelineError:
+        raise PipelineError(f"{ref} names no commit in this repository; {fix}") from None
 
 
 def run_experiment(commit: str, name: str, overrides: dict[str, Any], cache_dir: str) -> None:
@@ -205,7 +201,9 @@ def make_report(base_ref: str, params_set_file: Path, out: Path) -> dict[str, An
     if not Path("dvc.yaml").is_file() or not Path("params.yaml").is_file():
         raise PipelineError("no dvc.yaml and params.yaml here; run from the project's root")
     params_set = load_params_set(params_set_file, Path("params.yaml"))
-    base_commit, head_commit = resolve_commit(base_ref), resolve_commit("HEAD")
+    command(["git", "rev-parse", "--git-dir"])  # fails with git's own line outside a repository
+    base_commit = resolve_commit(base_ref, "fetch it (e.g. `git fetch origin main`) or pass another --base")
+    head_commit = resolve_commit("HEAD", "commit the project first: `dvc exp run` runs commits")
     if command(["git", "status", "--porcelain", "--untracked-files=no"]).strip():
         log.info("note: uncommitted changes are not part of the report, which compares commits")
     base_params = yaml.safe_load(command(["git", "show", f"{base_commit}:params.yaml"]))
