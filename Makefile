@@ -18,4 +18,10 @@ plots-page:
 test:
 	$(PYTHON) -m pytest
 
-.PHONY: install plots-page test
+# What CI reports on a pull request, made here: HEAD against BASE, both reproduced on the
+# small params set .ci/params-small.yaml, into experiment-report/ (docs/experiments.md#ci).
+BASE ?= main
+experiment-report:
+	$(PYTHON) -m gptpipe.ci_report --base $(BASE)
+
+.PHONY: install plots-page test experiment-report

@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=Path, default="data/tokens", help="directory written by the tokenize stage")
     parser.add_argument("--model", type=Path, default="data/model/model.safetensors",
                         help="model file (weights and config) to write")
-    parser.add_argument("--plots", type=Path, default="plots", help="directory for losses.csv, lr.csv and figures/")
+    parser.add_argument("--plots", type=Path, default="plots", help="directory for losses.csv and lr.csv")
     parser.add_argument("--metrics", type=Path, default="metrics/train.json", help="training metrics (JSON) to write")
     parser.add_argument("--resume-dir", type=Path, default="data/resume", help="where the resumable state lives")
     args = parser.parse_args(argv)

@@ -168,7 +168,7 @@ def make_tokens(directory: Path, params: Path) -> Path:
     return directory / "tokens"
 
 
-PROJECT_FILES = [".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "dvc.yaml",
+PROJECT_FILES = [".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore", "dvc.yaml",
                  "params.yaml", "stages", "src"]
 
 

@@ -48,8 +48,6 @@ def test_repro_status_experiments_metrics_plots(dvc_project):
     assert len(losses) >= 1 and losses["lr"].eq(0.0004).all()
     lrs = pd.read_csv(project / "plots/lr.csv")  # every step's lr, not only the evaluated ones
     assert list(lrs["step"]) == list(range(progress["step"])) and lrs["lr"].eq(0.0004).all()
-    for name in ("loss_by_step.png", "loss_by_tokens.png", "perplexity.png", "lr.png"):
-        assert (project / "plots/figures" / name).read_bytes().startswith(b"\x89PNG")
     train_metrics = json.loads((project / "metrics/train.json").read_text())
     assert train_metrics["steps"] == progress["step"] and train_metrics["tokens_per_second"] > 0
     evaluation = json.loads((project / "metrics/eval.json").read_text())
@@ -76,7 +74,7 @@ def test_repro_status_experiments_metrics_plots(dvc_project):
     html_dir = project / "plots_html"
     run_dvc(project, "plots", "show", "-o", str(html_dir))
     html = (html_dir / "index.html").read_text()
-    assert "loss_by_step.png" in html and "Perplexity" in html
+    assert "Loss by optimizer step" in html and "Learning rate" in html
 
 
 def test_forced_reruns_are_bitwise_identical(dvc_project):

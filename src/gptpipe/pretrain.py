@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class PretrainPaths:
     tokens: Path  # the tokenize stage's directory
     model: Path  # the model file to write
-    plots: Path  # losses.csv, lr.csv and figures/ go here
+    plots: Path  # losses.csv and lr.csv go here
     metrics: Path  # training metrics (JSON)
     resume_dir: Path  # the resumable state; not a DVC output
 
@@ -200,7 +200,7 @@ def write_outputs(model: GPTModel, state: TrainState, epochs: int, report: Train
         with written_together():
             save_model(paths.model, model, step=state.step, epoch=min(state.epoch, epochs),
                        tokens_seen=state.tokens_seen)
-            report.write(state, figures=True)
+            report.write(state)
     except OSError as e:
         keep_training()
         raise PipelineError(f"{os_error_message(e)}; the training is saved in {paths.resume_state}: run "
