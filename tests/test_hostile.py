@@ -698,14 +698,20 @@ def test_outputs_get_the_mode_of_the_umask(tmp_path):
 # ---------------------------------------------------------------- signals
 
 @pytest.fixture
-def sigterm_guard():
-    """SIGTERM raises while the test runs, should a stage let it through: pytest survives it."""
+def signals_raise():
+    """While the test runs, SIGINT raises KeyboardInterrupt and SIGTERM Terminated, whatever this
+    process inherited: should a stage let one through, pytest survives it. A process started in
+    the background by a non-interactive shell (`nohup .ci/run &`) ignores SIGINT, and Python then
+    installs no KeyboardInterrupt handler, so a Ctrl-C test would see nothing happen. Processes the
+    test starts get SIGINT's default action (exec resets a handler, never an ignored signal)."""
     def raise_terminated(signum, frame):
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated)}
     yield
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 POINTS = {  # where a signal lands: (module, function) after whose call it is sent
@@ -744,26 +750,26 @@ SIGNAL_CASES = [(script, point, signum) for script in STAGES if script != "pretr
 
 @pytest.mark.parametrize("script, point, signum", SIGNAL_CASES,
                          ids=[f"{s}-{p}-{signal.Signals(n).name}" for s, p, n in SIGNAL_CASES])
-def test_a_signal_stops_a_stage_cleanly(ws, monkeypatch, sigterm_guard, script, point, signum):
+def test_a_signal_stops_a_stage_cleanly(ws, monkeypatch, signals_raise, script, point, signum):
     target, name = POINTS[point].get(script) or POINTS[point][""]
     signal_after(monkeypatch, target, name, signum)
     what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
     run_failing(script, ws, f"stopped by {what} before the stage finished", "previous outputs are unchanged")
 
 
-def test_pretrain_stops_cleanly_before_training(ws, monkeypatch, sigterm_guard):
+def test_pretrain_stops_cleanly_before_training(ws, monkeypatch, signals_raise):
     signal_after(monkeypatch, "gptpipe.params", "load_params", signal.SIGTERM)
     run_failing("pretrain", ws, "stopped by SIGTERM before the stage finished")
 
 
-def test_pretrain_stopped_while_training_saves_its_state(ws, monkeypatch, sigterm_guard):
+def test_pretrain_stopped_while_training_saves_its_state(ws, monkeypatch, signals_raise):
     signal_after(monkeypatch, "gptpipe.train", "optimizer_step", signal.SIGTERM)
     run_failing("pretrain", ws, "stopped by signal 15 after step 0; the state is saved in", "to resume",
                 new=("resume/pretrain.pt",), live=LIVE_REPORT)
     assert (ws / "resume/pretrain.pt").is_file()
 
 
-def test_pretrain_finishes_its_outputs_when_stopped_while_writing_them(ws, outputs, monkeypatch, sigterm_guard):
+def test_pretrain_finishes_its_outputs_when_stopped_while_writing_them(ws, outputs, monkeypatch, signals_raise):
     """The training is done: a stop request during the seconds of writing lets them finish."""
     signal_after(monkeypatch, "gptpipe.pretrain", "save_model", signal.SIGTERM)  # the final writes
     (ws / "model.safetensors").unlink()
@@ -779,7 +785,7 @@ def children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["SIGTERM to the stage", "Ctrl-C to its process group"])
-def test_a_real_signal_stops_tokenize_and_its_workers(ws, corpus_path, signum, to_group):
+def test_a_real_signal_stops_tokenize_and_its_workers(ws, corpus_path, signals_raise, signum, to_group):
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         pytest.skip("needs Linux's /proc/PID/task/PID/children")
     (ws / "big.txt").write_text(corpus_path.read_text() * 300)
