@@ -51,6 +51,11 @@ class TrainingReport:
         self.rows: dict[str, list[tuple]] = {name: [] for name in self.columns}
         self.lines = {name: [csv_line(columns)] for name, columns in self.columns.items()}
 
+    @property
+    def live_files(self) -> list[Path]:
+        """What every write rewrites (the figures wait for the end)."""
+        return [self.plots_dir / name for name in self.lines] + [self.metrics_path]
+
     def write(self, state: TrainState, figures: bool = False) -> None:
         """Write the curves and metrics of `state`; the PNG figures too if `figures`."""
         for record in state.records[len(self.rows["losses.csv"]):]:
