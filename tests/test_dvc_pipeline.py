@@ -82,7 +82,7 @@ def test_repro_status_experiments_metrics_plots(dvc_project):
 def test_forced_reruns_are_bitwise_identical(dvc_project):
     project = dvc_project
     run_dvc(project, "repro")
-    # the model file holds weights, config and progress: no timings, so the same bytes
+    # the model holds weights, config and progress: no timings, so the same bytes
     outputs = ["data/model/model.safetensors", "data/model/config.json", "metrics/eval.json", "plots/losses.csv",
                "data/samples/sample.txt"]
     first = {name: (project / name).read_bytes() for name in outputs}

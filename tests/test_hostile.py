@@ -744,6 +744,30 @@ def test_libraries_that_write_files_themselves_report_the_os_error(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_files_kept_on_another_file_system_are_copied_back(tmp_path, monkeypatch):
+    """Where the folder that keeps the previous files is on another file system (no hard link,
+    no rename across), they are kept as copies and copied back; a file that was not there
+    before is removed again."""
+    previous, new, keep = tmp_path / "plots/losses.csv", tmp_path / "train.json", tmp_path / "resume/previous"
+    previous.parent.mkdir()
+    previous.write_text("the previous run's")
+    rename = os.replace
+
+    def cross_device(*args):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "link", cross_device)
+    monkeypatch.setattr(os, "replace", lambda src, dst: cross_device() if Path(src).parent == keep
+                        else rename(src, dst))
+    with pytest.raises(KeyboardInterrupt):
+        with files.put_back_on_failure([previous, new], keep):
+            files.write_text(previous, "this run's")
+            files.write_text(new, "{}")
+            raise KeyboardInterrupt
+    assert previous.read_text() == "the previous run's" and not new.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["losses.csv", "plots", "resume"]
+
+
 def test_outputs_get_the_mode_of_the_umask(tmp_path):
     previous = os.umask(0o027)
     files.output_mode.cache_clear()

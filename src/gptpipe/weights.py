@@ -1,7 +1,7 @@
 """Model weights in and out.
 
-In: the initial weights of pretraining, `model.init_from`: `scratch`, a model file of this
-pipeline (data/model/model.safetensors, e.g. an earlier experiment's), a Hugging Face GPT-2
+In: the initial weights of pretraining, `model.init_from`: `scratch`, a model of this
+pipeline (data/model, e.g. an earlier experiment's), a Hugging Face GPT-2
 directory (config.json + model.safetensors, the layout of openai-community/gpt2), a
 checkpoint written by the book's code (model.pth, a GPTModel state dict, or
 model_and_optimizer.pth), or, where no such local path exists, a GPT-2 on the Hugging Face
