@@ -39,6 +39,7 @@ from gptpipe.errors import Terminated
 from gptpipe.generate import beam_search, generate, next_token
 from gptpipe.model import GPTConfig, GPTModel
 from gptpipe.params import Auto, GPT2_VOCAB_SIZE, Params, load_params
+from gptpipe.report import TrainingReport
 
 # The smallest config that runs every stage's code.
 HOSTILE = {
@@ -158,7 +159,6 @@ def another_run(ws: Path, corpus_path: Path) -> None:
 def live_rewrites(monkeypatch) -> list[dict[Path, bytes]]:
     """The files pretrain rewrites at every evaluation, as each rewrite left them: a failed run
     must have rewritten them before the test checks that they were put back."""
-    from gptpipe.report import TrainingReport
     seen = []
     original = TrainingReport.write
 
