@@ -2,9 +2,9 @@
 faster modes cost in agreement and loss.
 
 Both models hold the same weights: the book's GPTModel randomly initialised with a fixed seed,
-or, with --model, a model file of the pipeline (data/model/model.safetensors after `dvc
-repro`), whose agreement numbers mean more than a random model's. Variants take turns,
-`--repeats` times each after a warm-up; the table shows median tokens/s, the speed-up over
+or, with --model, a model of the pipeline (data/model after `dvc repro`), whose agreement
+numbers mean more than a random model's. Variants take turns, `--repeats` times each after a
+warm-up; the table shows median tokens/s, the speed-up over
 the book and MFU (model FLOPs per token × tokens/s over a matmul peak of this run).
 
 - greedy decoding of --new-tokens at batch 1: the book; ours in fp32, with int8 weights
@@ -15,7 +15,7 @@ the book and MFU (model FLOPs per token × tokens/s over a matmul peak of this r
   first sentences of the-verdict), and the val loss of each mode (evaluate's loss on the
   first 8 val windows).
 
-    python bench/bench_generate.py --model data/model/model.safetensors
+    python bench/bench_generate.py --model data/model
     python bench/bench_generate.py --small --new-tokens 20 --repeats 1   # smoke test
 """
 
@@ -108,7 +108,7 @@ def agreement_and_loss(reference: GPTModel, variants: dict[str, tuple[GPTModel, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", type=Path, help="a model file of the pipeline (default: random weights)")
+    parser.add_argument("--model", type=Path, help="a model of the pipeline, e.g. data/model (default: random weights)")
     parser.add_argument("--prompt", default="Every effort moves you")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--samples", type=int, default=8)

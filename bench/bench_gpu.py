@@ -9,7 +9,7 @@ Sections, each printed as a table and written together as JSON (--out):
    the book's code, ours in fp32, auto and auto + torch.compile: tokens/s, MFU, peak memory;
 3. the book's one-epoch loss table next to the pretrain stage's in fp32, step for step;
 4. the stages by hand on this device (download → tokenize → pretrain in fp32, auto, and auto
-   with compile → evaluate → sample → export), each's wall time, and train.nproc beyond the
+   with compile → evaluate → sample), each's wall time, and train.nproc beyond the
    GPUs refused in one line;
 5. greedy decoding of 200 tokens: the book's generate_text_simple against ours (KV cache, a
    CUDA graph per step), tokens/s and whether the tokens are the same.

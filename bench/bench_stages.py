@@ -13,8 +13,9 @@ config and the-verdict, with train.epochs (default 1) and train.precision (defau
 - each stage's own command (dvc.yaml's cmd, without DVC): download of a local file, tokenize,
   pretrain with its training loop's time (metrics/train.json's wall_seconds) and the fixed
   cost, their difference (imports, setup, writing the outputs), evaluate, sample with 0 new
-  tokens (its fixed cost) and with 200, export;
-- with --cache: what one `dvc exp run -S train.lr=5e-4` (train.max_steps 1) adds to .dvc/cache.
+  tokens (its fixed cost) and with 200;
+- with --cache (--cache-only: nothing else): what one `dvc exp run -S train.lr=5e-4`
+  (train.max_steps 1) adds to .dvc/cache.
 
     python bench/bench_stages.py --baseline 5c5db96 --cache
 """
@@ -105,7 +106,8 @@ def measure_pipeline(project: Path) -> dict[str, float]:
     times["sample, 0 tokens: fixed cost (command)"] = run_stage(project, "sample")
     set_params(project, {"sample": {"max_new_tokens": 200}})
     times["sample, 200 tokens (command)"] = run_stage(project, "sample")
-    times["export (command)"] = run_stage(project, "export")
+    if "export" in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:  # a baseline before 19
+        times["export (command)"] = run_stage(project, "export")
     return times
 
 
@@ -126,8 +128,11 @@ def measure_book(work: Path, corpus: Path, epochs: int) -> dict[str, float]:
 
 def cache_growth(project: Path) -> dict[str, int]:
     """Bytes that one `dvc exp run` adds to .dvc/cache, and the model output's own size."""
+    def size(path: Path) -> int:
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
     def cache_bytes() -> int:
-        return sum(p.stat().st_size for p in (project / ".dvc/cache").rglob("*") if p.is_file())
+        return size(project / ".dvc/cache")
 
     set_params(project, {"train": {"max_steps": 1}})
     git_repo(project)
@@ -136,7 +141,7 @@ def cache_growth(project: Path) -> dict[str, int]:
     dvc(project, "exp", "run", "-S", "train.lr=5e-4")
     outputs = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["pretrain"]["outs"]
     model = next(project / out for out in outputs if out.startswith("data/model"))
-    return {"added_bytes": cache_bytes() - before, "model_output_bytes": model.stat().st_size}
+    return {"added_bytes": cache_bytes() - before, "model_output_bytes": size(model)}
 
 
 def main() -> None:
@@ -146,6 +151,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--cache", action="store_true", help="also measure one dvc exp run's cache growth")
+    parser.add_argument("--cache-only", action="store_true", help="measure the cache growth only, no timings")
     parser.add_argument("--out", default=str(ROOT / "bench/results/stages.json"))
     args = parser.parse_args()
 
@@ -156,9 +162,11 @@ def main() -> None:
     names = ["the book's code", *revs]
     times: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in names}
     cache = {}
+    if args.cache_only:
+        args.cache, args.repeats = True, 0
     with tempfile.TemporaryDirectory() as tmp:
         projects = {}
-        for i, (name, rev) in enumerate(revs.items()):
+        for i, (name, rev) in enumerate(revs.items() if args.repeats else []):
             projects[name] = copy_project(rev, Path(tmp) / f"project{i}")
             set_params(projects[name], overrides)
             git_repo(projects[name])
@@ -178,17 +186,18 @@ def main() -> None:
                 cache[name] = cache_growth(project)
 
     print(f"\n{machine()}; {args.epochs} epoch(s), train.precision {args.precision}, medians of {args.repeats}")
-    print("(the book's rows under the dvc commands are its process for the same work)")
-    print(f"{'seconds':<40}" + "".join(f"{name:>22}" for name in names))
-    for key in times[names[1]]:
-        cells = [f"{median(times[name][key]):>22.2f}" if key in times[name] else f"{'':>22}" for name in names]
-        print(f"{key:<40}" + "".join(cells))
-    for key in ("dvc repro -f -s pretrain", "dvc repro -f -s sample (200 tokens)"):
-        book = median(times[names[0]][key])
-        print(f"{key}: " + ", ".join(f"{name} {book / median(times[name][key]):.2f}x the book" for name in revs))
+    if args.repeats:
+        print("(the book's rows under the dvc commands are its process for the same work)")
+        print(f"{'seconds':<40}" + "".join(f"{name:>22}" for name in names))
+        for key in times[names[1]]:
+            cells = [f"{median(times[name][key]):>22.2f}" if key in times[name] else f"{'':>22}" for name in names]
+            print(f"{key:<40}" + "".join(cells))
+        for key in ("dvc repro -f -s pretrain", "dvc repro -f -s sample (200 tokens)"):
+            book = median(times[names[0]][key])
+            print(f"{key}: " + ", ".join(f"{name} {book / median(times[name][key]):.2f}x the book" for name in revs))
     for name, growth in cache.items():
-        print(f"{name}: one dvc exp run added {growth['added_bytes'] / 1e6:,.0f} MB to .dvc/cache "
-              f"(model output {growth['model_output_bytes'] / 1e6:,.0f} MB)")
+        print(f"{name}: one dvc exp run added {growth['added_bytes']:,} bytes to .dvc/cache "
+              f"(model output {growth['model_output_bytes']:,} bytes)")
     results = {"machine": machine(), "epochs": args.epochs, "precision": args.precision,
                "seconds": {name: {key: {"median": round(median(v), 2), "runs": [round(x, 2) for x in v]}
                                   for key, v in times[name].items()} for name in names},

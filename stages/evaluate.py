@@ -23,7 +23,7 @@ log = logging.getLogger("evaluate")
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("--tokens", type=Path, default="data/tokens", help="directory written by the tokenize stage")
-    parser.add_argument("--model", default="data/model/model.safetensors", help="model file to evaluate")
+    parser.add_argument("--model", default="data/model", help="model directory to evaluate")
     parser.add_argument("--out", default="metrics/eval.json", help="metrics (JSON) to write")
     args = parser.parse_args(argv)
     params = load_params(args.params)

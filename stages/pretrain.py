@@ -1,6 +1,7 @@
 """Stage pretrain: train the GPT on the train split; write the model, its loss curves and metrics.
 
-The model file holds weights and model config only. A resumable state (optimizer, RNG) is
+The model is a Hugging Face GPT-2 directory (config.json + model.safetensors): weights and model
+config only, loadable by this pipeline and by transformers. A resumable state (optimizer, RNG) is
 saved every train.checkpoint_every steps and on Ctrl-C/SIGTERM under --resume-dir, which is
 not a DVC output; re-running with the same params and tokens resumes from it. With
 train.nproc > 1 the stage relaunches itself under torchrun, one process per GPU (DDP).
@@ -23,8 +24,8 @@ from gptpipe.pretrain import PretrainPaths, run_pretraining
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("--tokens", type=Path, default="data/tokens", help="directory written by the tokenize stage")
-    parser.add_argument("--model", type=Path, default="data/model/model.safetensors",
-                        help="model file (weights and config) to write")
+    parser.add_argument("--model", type=Path, default="data/model",
+                        help="model directory (config.json + model.safetensors) to write")
     parser.add_argument("--plots", type=Path, default="plots", help="directory for losses.csv and lr.csv")
     parser.add_argument("--metrics", type=Path, default="metrics/train.json", help="training metrics (JSON) to write")
     parser.add_argument("--resume-dir", type=Path, default="data/resume", help="where the resumable state lives")

@@ -18,7 +18,7 @@ log = logging.getLogger("sample")
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser(__doc__)
-    parser.add_argument("--model", default="data/model/model.safetensors", help="model file to sample from")
+    parser.add_argument("--model", default="data/model", help="model directory to sample from")
     parser.add_argument("--out", default="data/samples/sample.txt",
                         help="where to write the text; several samples each follow a header line")
     args = parser.parse_args(argv)

@@ -103,15 +103,14 @@ HOSTILE = {
 
 def stage_args(script: str, d: Path) -> list[str]:
     """The path options of stages/<script>.py with every input and output in folder `d`, laid
-    out as the pipeline lays out the project: raw/, tokens/, model.safetensors, plots/..."""
+    out as the pipeline lays out the project: raw/, tokens/, model/, plots/..."""
     return {
         "download": ["--out", f"{d}/raw"],
         "tokenize_corpus": ["--corpus", f"{d}/raw", "--out", f"{d}/tokens"],
-        "pretrain": ["--tokens", f"{d}/tokens", "--model", f"{d}/model.safetensors", "--plots", f"{d}/plots",
+        "pretrain": ["--tokens", f"{d}/tokens", "--model", f"{d}/model", "--plots", f"{d}/plots",
                      "--metrics", f"{d}/train.json", "--resume-dir", f"{d}/resume"],
-        "evaluate": ["--tokens", f"{d}/tokens", "--model", f"{d}/model.safetensors", "--out", f"{d}/eval.json"],
-        "sample": ["--model", f"{d}/model.safetensors", "--out", f"{d}/sample.txt"],
-        "export": ["--model", f"{d}/model.safetensors", "--out", f"{d}/export"],
+        "evaluate": ["--tokens", f"{d}/tokens", "--model", f"{d}/model", "--out", f"{d}/eval.json"],
+        "sample": ["--model", f"{d}/model", "--out", f"{d}/sample.txt"],
     }[script]
 
 

@@ -104,8 +104,8 @@ def assert_same_training(one: Path, two: Path) -> None:
     metrics_a, metrics_b = (json.loads((out / "train.json").read_text()) for out in (one, two))
     assert metrics_a["steps"] == metrics_b["steps"] and metrics_a["tokens_seen"] == metrics_b["tokens_seen"]
     # the checkpoint of the processes loads in a plain process, with the same weights
-    model_a, _ = load_model(one / "model.safetensors", torch.device("cpu"))
-    model_b, saved = load_model(two / "model.safetensors", torch.device("cpu"))
+    model_a, _ = load_model(one / "model", torch.device("cpu"))
+    model_b, saved = load_model(two / "model", torch.device("cpu"))
     assert saved["step"] == metrics_a["steps"]
     for (name, weight_a), weight_b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         torch.testing.assert_close(weight_b, weight_a, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
@@ -146,7 +146,7 @@ def test_stopped_processes_resume_where_they_stopped(one_process, tokens, corpus
     _, stderr = run.communicate(timeout=120)
     assert run.returncode != 0
     assert "error: stopped by signal 15" in stderr and "run the stage again" in stderr
-    assert not (out / "model.safetensors").exists()
+    assert not (out / "model").exists()
 
     stderr = finish(pretrain(out, tokens, corpus_path, **settings))
     assert "resuming from" in stderr

@@ -40,7 +40,7 @@ def test_repro_status_experiments_metrics_plots(dvc_project):
         tokens = np.fromfile(project / "data/tokens" / meta["splits"][split]["file"], dtype=meta["dtype"])
         assert len(tokens) == meta["splits"][split]["tokens"] > 32
     assert meta["vocab_size"] == 50257 and meta["tokenizer"] == "gpt2"
-    model, progress = load_model(project / "data/model/model.safetensors", torch.device("cpu"))
+    model, progress = load_model(project / "data/model", torch.device("cpu"))
     assert model.cfg.emb_dim == 64 and progress["step"] > 0
     losses = pd.read_csv(project / "plots/losses.csv")
     assert list(losses.columns) == ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "train_perplexity",
@@ -80,8 +80,9 @@ def test_repro_status_experiments_metrics_plots(dvc_project):
 def test_forced_reruns_are_bitwise_identical(dvc_project):
     project = dvc_project
     run_dvc(project, "repro")
-    # the model file holds weights, config and progress: no timings, so the same bytes
-    outputs = ["data/model/model.safetensors", "metrics/eval.json", "plots/losses.csv", "data/samples/sample.txt"]
+    # the model holds weights, config and progress: no timings, so the same bytes
+    outputs = ["data/model/model.safetensors", "data/model/config.json", "metrics/eval.json", "plots/losses.csv",
+               "data/samples/sample.txt"]
     first = {name: (project / name).read_bytes() for name in outputs}
     run_dvc(project, "repro", "--force", "pretrain", "evaluate", "sample")
     for name in outputs:

@@ -1,4 +1,6 @@
-"""Sharing runs through a DVC remote, and queued sweeps: the real dvc CLI on the tiny config."""
+"""Sharing runs through a DVC remote, experiments in the cache, and queued sweeps: the real dvc
+CLI on the tiny config. Every output is cached and belongs to the params in dvc.lock: after a
+pull or an `exp apply`, `dvc status` is clean."""
 
 import json
 import os
@@ -8,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import git_commit, run_dvc
+from gptpipe.checkpoint import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -49,38 +53,53 @@ def test_push_then_pull_in_a_fresh_clone_restores_every_output(dvc_project, tmp_
     git_commit(project, "run, shared through the storage remote")  # dvc.lock and .dvc/config
     dvc(project, "push")
     originals = output_files(project)
-    assert {"data/model/model.safetensors", "metrics/eval.json", "data/tokens/meta.json"} <= set(originals)
+    assert {"data/model/model.safetensors", "data/model/config.json", "metrics/eval.json",
+            "data/tokens/meta.json"} <= set(originals)
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
-    assert not (clone / "data/model/model.safetensors").exists()  # git holds no outputs
+    assert not (clone / "data/model").exists()  # git holds no outputs
     dvc(clone, "pull")
-    # every cached output is back; the export, which is not cached, is rebuilt from the model
-    assert set(json.loads(dvc(clone, "status", "--json"))) == {"export"}
-    rerun = dvc(clone, "repro")
-    assert "Running stage 'export'" in rerun and "Running stage 'pretrain'" not in rerun
+    assert json.loads(dvc(clone, "status", "--json")) == {}  # every output is back, as dvc.lock names it
     assert output_files(clone) == originals
-    assert json.loads(dvc(clone, "status", "--json")) == {}
 
 
 def cache_bytes(project: Path) -> int:
     return sum(path.stat().st_size for path in (project / ".dvc/cache").rglob("*") if path.is_file())
 
 
-def test_an_experiment_caches_the_weights_not_the_optimizer(dvc_project):
-    """What one `dvc exp run` adds to the DVC cache: the model file (weights and config, not
-    AdamW's two moments, which would triple it), the small reports, nothing else."""
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_experiments_cache_their_weights_once_and_apply_whole(dvc_project):
+    """What one `dvc exp run` adds to the DVC cache: the model (its weights once, not AdamW's
+    moments, which would triple it, nor a second copy for transformers: the model directory is
+    the one transformers loads), the small reports, nothing else. And `dvc exp apply` of an
+    earlier experiment brings back all of its outputs, that transformers model included."""
     project = dvc_project
     use_sparse_windows(project)
     dvc(project, "repro")
     before = cache_bytes(project)
-    dvc(project, "exp", "run", "-S", "train.lr=5e-4")
-    model = project / "data/model/model.safetensors"
+    dvc(project, "exp", "run", "-n", "first", "-S", "train.lr=5e-4")
     added = cache_bytes(project) - before
-    reports = sum(path.stat().st_size for folder in ("plots", "metrics", "data/samples")
-                  for path in (project / folder).rglob("*") if path.is_file())
-    assert model.stat().st_size < added <= model.stat().st_size + reports + 4096  # + .dir manifests
+    model = folder_bytes(project / "data/model")
+    reports = sum(folder_bytes(project / folder) for folder in ("plots", "metrics", "data/samples"))
+    assert model < added <= model + reports + 4096  # + .dir manifests
     assert not (project / "data/resume").exists() or not any((project / "data/resume").iterdir())
+    first = output_files(project)
+
+    dvc(project, "exp", "run", "-n", "second", "-S", "train.lr=1e-3")
+    assert output_files(project)["data/model/model.safetensors"] != first["data/model/model.safetensors"]
+    dvc(project, "exp", "apply", "first")
+    assert json.loads(dvc(project, "status", "--json")) == {}
+    assert output_files(project) == first
+    transformers = pytest.importorskip("transformers", reason="a test dependency: pip install -e '.[test]'")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(project / "data/model").eval()
+    ours, _ = load_model(project / "data/model", torch.device("cpu"))
+    tokens = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=0, atol=1e-4)
 
 
 def queue_statuses(project: Path) -> dict[str, str]:

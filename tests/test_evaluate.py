@@ -84,13 +84,13 @@ CONTEXT = 16
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, verdict_path):
     """Token splits of the-verdict's first 8,000 characters (train | val | test) and a small
-    random model's model file."""
+    random model."""
     root = tmp_path_factory.mktemp("evaluate")
     (root / "corpus.txt").write_text(verdict_path.read_text(encoding="utf-8")[:8000], encoding="utf-8")
     tokenize_corpus(root / "corpus.txt", root / "tokens", 0.8, 0.1)
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=GPT2.n_vocab, context_length=CONTEXT, emb_dim=16, n_heads=2, n_layers=1))
-    save_model(root / "model.safetensors", model, step=0, epoch=0, tokens_seen=0)
+    save_model(root / "model", model, step=0, epoch=0, tokens_seen=0)
     return root, model.eval()
 
 
@@ -98,7 +98,7 @@ def run_evaluate(root, tmp_path, **evaluate) -> dict:
     params = write_params(tmp_path / "params.yaml", {"train": {"stride": CONTEXT, "device": "cpu"},
                                                      "evaluate": {"batch_size": 4, **evaluate}})
     out = tmp_path / "eval.json"
-    run_stage("evaluate", params, "--tokens", str(root / "tokens"), "--model", str(root / "model.safetensors"),
+    run_stage("evaluate", params, "--tokens", str(root / "tokens"), "--model", str(root / "model"),
               "--out", str(out))
     return json.loads(out.read_text())
 
@@ -134,7 +134,7 @@ def test_stage_max_tokens_takes_the_first_windows(evaluated, tmp_path):
 def test_stage_without_test_split_reports_train_and_val(evaluated, tmp_path):
     root, _ = evaluated
     tokenize_corpus(root / "corpus.txt", tmp_path / "tokens", 0.9)
-    (tmp_path / "model.safetensors").symlink_to(root / "model.safetensors")
+    (tmp_path / "model").symlink_to(root / "model")
     assert list(run_evaluate(tmp_path, tmp_path, max_tokens=None)) == ["train", "val"]
 
 

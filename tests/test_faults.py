@@ -42,8 +42,8 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    model_a, progress_a = load_model(a / "model.safetensors", torch.device("cpu"))
-    model_b, progress_b = load_model(b / "model.safetensors", torch.device("cpu"))
+    model_a, progress_a = load_model(a / "model", torch.device("cpu"))
+    model_b, progress_b = load_model(b / "model", torch.device("cpu"))
     assert progress_a == progress_b
     for key, value in model_a.state_dict().items():
         assert torch.equal(value, model_b.state_dict()[key]), key
@@ -60,7 +60,7 @@ def test_resume_after_sigkill_is_bitwise_identical(prepared, tmp_path):
     wait_for(tmp_path / "resume/pretrain.pt", run)
     run.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL
-    assert not (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / "model").exists()
     # the curves so far, which the resumed run continues
     assert (baseline / "plots/losses.csv").read_text().startswith((tmp_path / "plots/losses.csv").read_text())
 
@@ -81,6 +81,9 @@ def test_sigterm_saves_state_and_exits_cleanly_then_resumes(prepared, tmp_path):
     assert run.returncode == 1
     assert "error: stopped by signal 15" in stderr and "run the stage again" in stderr
     assert "Traceback" not in stderr
+    # no run wrote here before: the stopped run's curves and metrics are gone again, its training kept
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and "resume" not in p.parts]
+    assert [p.name for p in (tmp_path / "resume").iterdir()] == ["pretrain.pt"]
 
     rerun = pretrain(params, tokens, tmp_path)
     _, stderr = rerun.communicate(timeout=300)

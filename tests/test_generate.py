@@ -180,9 +180,9 @@ def test_beam_search_stops_each_beam_at_end_of_text(model):
 
 
 def run_sample_stage(tmp_path, **sample) -> str:
-    if not (tmp_path / "model.safetensors").exists():
+    if not (tmp_path / "model").exists():
         torch.manual_seed(0)
-        save_model(tmp_path / "model.safetensors", GPTModel(GPTConfig(context_length=16, emb_dim=8, n_heads=2,
+        save_model(tmp_path / "model", GPTModel(GPTConfig(context_length=16, emb_dim=8, n_heads=2,
                                                                       n_layers=1)))
     params = write_params(tmp_path / "params.yaml", {"train": {"device": "cpu"}, "sample": sample})
     run_stage("sample", params, *stage_args("sample", tmp_path))

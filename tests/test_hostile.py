@@ -35,18 +35,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import HOSTILE, ROOT, run_stage, run_stage_cli, stage_args, stage_command, stage_module, write_params
 from gptpipe import corpus, files
+from gptpipe.checkpoint import HEADER_KEY, HF_CONFIG, HF_WEIGHTS, read_model, save_model
 from gptpipe.download import download
-from gptpipe.checkpoint import HEADER_KEY, read_model_file, save_model
 from gptpipe.errors import Terminated
 from gptpipe.generate import beam_search, generate, next_token
 from gptpipe.model import GPTConfig, GPTModel
 from gptpipe.params import Auto, GPT2_VOCAB_SIZE, Params, load_params
+from gptpipe.report import TrainingReport
 
-STAGES = ("download", "tokenize_corpus", "pretrain", "evaluate", "sample", "export")
+STAGES = ("download", "tokenize_corpus", "pretrain", "evaluate", "sample")
 NOBODY = 65534
 
 
@@ -124,16 +125,11 @@ def assert_one_error(run, *phrases: str) -> str:
     return run.errors[0]
 
 
-# What pretrain rewrites at every evaluation, so that a running experiment can be followed: a run
-# that fails after it trained has updated them (train.json's timings differ from the last run's).
-LIVE_REPORT = ("train.json", "plots/losses.csv", "plots/lr.csv")
-
-
 def run_failing(script: str, ws: Path, *phrases: str, args: list[str] | None = None,
-                new: tuple[str, ...] = (), user=contextlib.nullcontext, live: tuple[str, ...] = ()) -> str:
+                new: tuple[str, ...] = (), user=contextlib.nullcontext) -> str:
     """Run a stage on `ws` (as `user`) that must fail cleanly: one error line holding `phrases`,
-    and every file in `ws` as it was, none added (a temporary file) but those named in `new`,
-    none changed but those named in `live`."""
+    and every file in `ws` byte for byte as it was, none added (a temporary file) but those named
+    in `new`."""
     before = snapshot(ws)
     with user():
         run = run_stage_cli(script, ws / "params.yaml", *(args_for(script, ws) if args is None else args))
@@ -142,8 +138,41 @@ def run_failing(script: str, ws: Path, *phrases: str, args: list[str] | None = N
     for name in new:
         after.pop(name, None)
     assert sorted(after) == sorted(before)
-    assert [name for name in before if after[name] != before[name] and name not in live] == []
+    assert [name for name in before if after[name] != before[name]] == []
     return error
+
+
+# What pretrain rewrites at every evaluation, so that a running experiment can be followed; a
+# run that fails puts them back.
+LIVE_REPORT = ("train.json", "plots/losses.csv", "plots/lr.csv")
+
+
+def another_run(ws: Path, corpus_path: Path) -> None:
+    """Params for a pretrain whose curves differ from those in `ws` (a rerun of the same params
+    would write the same losses, and hide a curve left behind)."""
+    write_params(ws / "params.yaml", {**HOSTILE, "train": {**HOSTILE["train"], "lr": 0.01}}, corpus_path)
+
+
+@pytest.fixture
+def live_rewrites(monkeypatch) -> list[dict[Path, bytes]]:
+    """The files pretrain rewrites at every evaluation, as each rewrite left them: a failed run
+    must have rewritten them before the test checks that they were put back."""
+    seen = []
+    original = TrainingReport.write
+
+    def write(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append({path: path.read_bytes() for path in self.live_files})
+
+    monkeypatch.setattr(TrainingReport, "write", write)
+    return seen
+
+
+def assert_rewritten_then_put_back(seen: list[dict[Path, bytes]], ws: Path) -> None:
+    """The run's last rewrite differed from what is there now (run_failing checked that what
+    is there is what was there before), and nothing it kept the previous files in remains."""
+    assert seen and all(seen[-1][ws / name] != (ws / name).read_bytes() for name in LIVE_REPORT)
+    assert not (ws / "resume/previous").exists()
 
 
 # ---------------------------------------------------------------- every params key
@@ -184,7 +213,7 @@ def run_params(tmp_path: Path, overrides: dict, corpus_path: Path):
     """The download stage on the corpus, the params changed by `overrides` (data.url's too)."""
     data = {"url": corpus_path.as_uri(), "sha256": None, **overrides.get("data", {})}
     params = write_params(tmp_path / "params.yaml", {**overrides, "data": data})
-    return run_stage_cli("download", params, "--out", str(tmp_path / "raw" / "corpus.txt"))
+    return run_stage_cli("download", params, "--out", str(tmp_path / "raw"))
 
 
 @pytest.mark.parametrize("group, key, value", list(generic_cases()))
@@ -318,8 +347,8 @@ def test_a_params_file_that_is_not_right(tmp_path, case):
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
-    assert_one_error(run_stage_cli("download", path, "--out", str(tmp_path / "corpus.txt")), *phrases)
-    assert not (tmp_path / "corpus.txt").exists()
+    assert_one_error(run_stage_cli("download", path, "--out", str(tmp_path / "raw")), *phrases)
+    assert not (tmp_path / "raw").exists()
 
 
 def test_dvc_refuses_a_key_given_twice_too():
@@ -367,10 +396,12 @@ def tiny_state(**config) -> dict[str, torch.Tensor]:
     return GPTModel(GPTConfig(**{**vars(GPTConfig()), **HOSTILE["model"], **config})).state_dict()
 
 
-def foreign_model(ws: Path, state: dict, config: dict | None = None) -> None:
-    """A safetensors file with a gptpipe header around `state`."""
-    header = {"format_version": 1, "config": config or {**vars(GPTConfig()), **HOSTILE["model"]}, "progress": {}}
-    save_file(state, ws / "model.safetensors", metadata={HEADER_KEY: json.dumps(header)})
+def spoil_model(ws: Path, weights=lambda state: None, header=lambda header: None) -> None:
+    """The model directory in `ws`, its weights (GPT-2's names) and gptpipe header changed in place."""
+    state = load_file(ws / "model" / HF_WEIGHTS)
+    weights(state)
+    save_file(state, ws / "model" / HF_WEIGHTS, metadata={"format": "pt"})
+    edit_json(ws / "model" / HF_CONFIG, lambda config: header(config[HEADER_KEY]))
 
 
 def source(ws: Path, name: str, content: bytes | str) -> None:
@@ -482,31 +513,42 @@ INPUTS = {  # case: (stage, how to spoil its input in ws (and the corpus), what 
                                ["not a whole number of 2-byte token ids"]),
     "train.bin a folder": ("pretrain", lambda ws, c: write(ws / "tokens/train.bin", None),
                            ["train.bin is not a file: run the tokenize stage first"]),
-    # evaluate, sample, export: the model file
-    "model missing": ("sample", lambda ws, c: (ws / "model.safetensors").unlink(),
-                      ["model file", "not found: run the pretrain stage first"]),
-    "model empty": ("evaluate", lambda ws, c: write(ws / "model.safetensors", b""),
-                    ["model.safetensors is an empty file, not a model file of this pipeline", "re-run pretrain"]),
-    "model truncated": ("export", lambda ws, c: cut(ws / "model.safetensors", 1000),
-                        ["not a readable safetensors file", "re-run pretrain"]),
-    "model a text file": ("sample", lambda ws, c: write(ws / "model.safetensors", "weights\n"),
-                          ["is a text file, not a model file of this pipeline"]),
-    "model random bytes": ("evaluate", lambda ws, c: write(ws / "model.safetensors", RANDOM_BYTES),
-                           ["is a file of an unknown format, not a model file"]),
-    "model a torch file": ("export", lambda ws, c: torch.save(tiny_state(), ws / "model.safetensors"),
-                           ["is a PyTorch file (torch.save), not a model file of this pipeline"]),
-    "model a folder": ("sample", lambda ws, c: write(ws / "model.safetensors", None),
-                       ["model.safetensors is a directory, not a model file"]),
-    "model of another program": ("evaluate", lambda ws, c: save_file({"w": torch.zeros(2)}, ws / "model.safetensors"),
-                                 ["is a safetensors file but not a model of this pipeline"]),
-    "model with NaN weights": ("sample", lambda ws, c: foreign_model(ws, {
-        k: v.fill_(math.nan) if k == "final_norm.weight" else v for k, v in tiny_state().items()}),
-        ["weight final_norm.weight holds NaN or infinite values", "re-run pretrain"]),
-    "model with integer weights": ("export", lambda ws, c: foreign_model(ws, {
-        k: v.long() if k == "pos_emb.weight" else v for k, v in tiny_state().items()}),
-        ["weight pos_emb.weight holds torch.int64 values, not floating point"]),
-    "model header of the wrong types": ("evaluate", lambda ws, c: foreign_model(
-        ws, tiny_state(), {**vars(GPTConfig()), **HOSTILE["model"], "emb_dim": "8"}),
+    # evaluate, sample: the model directory
+    "model missing": ("sample", lambda ws, c: shutil.rmtree(ws / "model"),
+                      ["model", "not found: run the pretrain stage first"]),
+    "model a file": ("evaluate", lambda ws, c: (shutil.rmtree(ws / "model"), write(ws / "model", "weights\n")),
+                     ["is a text file, not a model of this pipeline (a directory of config.json and"]),
+    "model weights missing": ("sample", lambda ws, c: (ws / "model" / HF_WEIGHTS).unlink(),
+                              ["model.safetensors not found", "is not a whole model of this pipeline", "re-run"]),
+    "model weights empty": ("evaluate", lambda ws, c: write(ws / "model" / HF_WEIGHTS, b""),
+                            ["model.safetensors is an empty file, not a safetensors file", "re-run pretrain"]),
+    "model weights truncated": ("sample", lambda ws, c: cut(ws / "model" / HF_WEIGHTS, 1000),
+                                ["not a readable safetensors file", "re-run pretrain"]),
+    "model weights a text file": ("sample", lambda ws, c: write(ws / "model" / HF_WEIGHTS, "weights\n"),
+                                  ["is a text file, not a safetensors file"]),
+    "model weights random bytes": ("evaluate", lambda ws, c: write(ws / "model" / HF_WEIGHTS, RANDOM_BYTES),
+                                   ["is a file of an unknown format, not a safetensors file"]),
+    "model weights a torch file": ("evaluate", lambda ws, c: torch.save(tiny_state(), ws / "model" / HF_WEIGHTS),
+                                   ["is a PyTorch file (torch.save), not a safetensors file"]),
+    "model weights a folder": ("sample", lambda ws, c: write(ws / "model" / HF_WEIGHTS, None),
+                               ["model.safetensors is a directory, not a safetensors file"]),
+    "model weights of another program": ("evaluate", lambda ws, c: save_file({"w": torch.zeros(2)},
+                                                                             ws / "model" / HF_WEIGHTS),
+                                         ["model.safetensors lacks the GPT-2 weight 'wte.weight'", "re-run pretrain"]),
+    "model with NaN weights": ("sample", lambda ws, c: spoil_model(
+        ws, weights=lambda state: state["transformer.ln_f.weight"].fill_(math.nan)),
+        ["weight transformer.ln_f.weight holds NaN or infinite values", "re-run pretrain"]),
+    "model with integer weights": ("evaluate", lambda ws, c: spoil_model(
+        ws, weights=lambda state: state.update({"transformer.wpe.weight": state["transformer.wpe.weight"].long()})),
+        ["weight transformer.wpe.weight holds torch.int64 values, not floating point"]),
+    "model config.json missing": ("sample", lambda ws, c: (ws / "model" / HF_CONFIG).unlink(),
+                                  ["config.json not found", "is not a whole model of this pipeline"]),
+    "model config.json truncated": ("evaluate", lambda ws, c: cut(ws / "model" / HF_CONFIG, 30),
+                                    ["config.json is not valid JSON", "re-run pretrain"]),
+    "model config.json of another program": ("sample", lambda ws, c: write(ws / "model" / HF_CONFIG, "{}"),
+                                             ["config.json has no 'gptpipe' entry", "not a model of this pipeline"]),
+    "model header of the wrong types": ("evaluate", lambda ws, c: spoil_model(
+        ws, header=lambda header: header["config"].update(emb_dim="8")),
         ["has a model header this version cannot read (model.emb_dim must be int"]),
     # pretrain: model.init_from
     "init_from missing": ("pretrain", lambda ws, c: init_from(ws, c, ws / "nope.pth"),
@@ -522,9 +564,9 @@ INPUTS = {  # case: (stage, how to spoil its input in ws (and the corpus), what 
                                                                     cut(ws / "w.pth", 300),
                                                                     init_from(ws, c, ws / "w.pth")),
                                          ["w.pth is not a readable PyTorch file (truncated or another format?)"]),
-    "init_from a truncated model file": ("pretrain", lambda ws, c: (cut(ws / "model.safetensors", 1000),
-                                                                    init_from(ws, c, ws / "model.safetensors")),
-                                         ["not a readable safetensors file"]),
+    "init_from a truncated model": ("pretrain", lambda ws, c: (cut(ws / "model" / HF_WEIGHTS, 1000),
+                                                               init_from(ws, c, ws / "model")),
+                                    ["not a readable safetensors file"]),
     "init_from a dict of numbers": ("pretrain", lambda ws, c: (torch.save({"tok_emb.weight": 5}, ws / "w.pth"),
                                                                init_from(ws, c, ws / "w.pth")),
                                     ["w.pth holds a 'tok_emb.weight' but not the tensors of the book's GPTModel"]),
@@ -536,7 +578,7 @@ INPUTS = {  # case: (stage, how to spoil its input in ws (and the corpus), what 
                                                                 init_from(ws, c, ws / "hf")),
                                      ["config.json holds a JSON list, not the mapping of a Hugging Face config.json"]),
     "init_from weights a text file": ("pretrain", lambda ws, c: (
-        shutil.copytree(ws / "export", ws / "hf"), write(ws / "hf/model.safetensors", "text"),
+        shutil.copytree(ws / "model", ws / "hf"), write(ws / "hf/model.safetensors", "text"),
         init_from(ws, c, ws / "hf")), ["model.safetensors is a text file, not a safetensors file"]),
     # pretrain: the resumable state
     "resume state empty": ("pretrain", lambda ws, c: write(ws / "resume/pretrain.pt", b""),
@@ -560,7 +602,7 @@ def test_an_input_that_is_missing_empty_truncated_or_of_another_kind(ws, corpus_
 
 UNREADABLE = {  # stage: the input made unreadable
     "download": "src.txt", "tokenize_corpus": "raw/sources.json", "pretrain": "tokens/train.bin",
-    "evaluate": "tokens/meta.json", "sample": "model.safetensors", "export": "model.safetensors",
+    "evaluate": "tokens/meta.json", "sample": "model/model.safetensors",
 }
 
 
@@ -583,7 +625,9 @@ IN_THE_WAY = [  # (stage, output, what stands in its place, what the error says)
     ("tokenize_corpus", "tokens", "a file", ["tokens exists and is not a directory"]),
     ("tokenize_corpus", "tokens/train.bin", "a folder", ["train.bin is a directory where a file is expected"]),
     ("tokenize_corpus", "tokens/meta.json", "a folder", ["meta.json is a directory"]),
-    ("pretrain", "model.safetensors", "a folder", ["model.safetensors is a directory", "the training is saved in"]),
+    ("pretrain", "model", "a file", ["model exists and is not a directory", "the training is saved in"]),
+    ("pretrain", "model/model.safetensors", "a folder", ["model.safetensors is a directory", "the training is saved"]),
+    ("pretrain", "model/config.json", "a folder", ["config.json is a directory", "the training is saved in"]),
     # the curves and metrics are first written before training (a running experiment shows them):
     # a path there that cannot take them stops the stage before any training
     ("pretrain", "plots", "a file", ["plots exists and is not a directory"]),
@@ -591,43 +635,45 @@ IN_THE_WAY = [  # (stage, output, what stands in its place, what the error says)
     ("pretrain", "resume", "a file", ["resume exists and is not a directory"]),
     ("evaluate", "eval.json", "a folder", ["eval.json is a directory where a file is expected"]),
     ("sample", "sample.txt", "a folder", ["sample.txt is a directory where a file is expected"]),
-    ("export", "export", "a file", ["export exists and is not a directory"]),
-    ("export", "export/config.json", "a folder", ["config.json is a directory"]),
 ]
 
 
 @pytest.mark.parametrize("script, output, thing, phrases", IN_THE_WAY)
-def test_something_in_the_way_of_an_output(ws, script, output, thing, phrases):
+def test_something_in_the_way_of_an_output(ws, corpus_path, live_rewrites, script, output, thing, phrases):
     write(ws / output, None if thing == "a folder" else "in the way")
-    trained = script == "pretrain" and output == "model.safetensors"
+    trained = script == "pretrain" and output.startswith("model")
+    if trained:
+        another_run(ws, corpus_path)
     saved = ("resume/pretrain.pt",) if trained else ()  # pretrain keeps its training
-    run_failing(script, ws, *phrases, new=saved, live=LIVE_REPORT if trained else ())
+    run_failing(script, ws, *phrases, new=saved)
+    if trained:  # the curves and metrics it rewrote while training are back as they were
+        assert_rewritten_then_put_back(live_rewrites, ws)
 
 
 def test_a_failed_final_write_keeps_the_training_and_the_rerun_only_writes(ws, outputs, caplog):
-    write(ws / "model.safetensors", None)
-    run_failing("pretrain", ws, "model.safetensors is a directory", new=("resume/pretrain.pt",), live=LIVE_REPORT)
-    shutil.rmtree(ws / "model.safetensors")
+    write(ws / "model/model.safetensors", None)
+    run_failing("pretrain", ws, "model.safetensors is a directory", new=("resume/pretrain.pt",))
+    shutil.rmtree(ws / "model/model.safetensors")
     caplog.set_level(logging.INFO)
     assert run_stage_cli("pretrain", ws / "params.yaml", *args_for("pretrain", ws)).status == 0
     steps = HOSTILE["train"]["max_steps"]
     assert f"resuming from {ws / 'resume/pretrain.pt'}: epoch 1, step {steps}" in caplog.text
     assert "train loss" not in caplog.text.split("resuming from")[1]  # no step was trained again
-    assert_same_model(ws / "model.safetensors", outputs / "model.safetensors")
+    assert_same_model(ws / "model", outputs / "model")
     assert json.loads((ws / "train.json").read_text())["steps"] == steps
     assert not (ws / "resume/pretrain.pt").exists()
 
 
 def assert_same_model(a: Path, b: Path) -> None:
-    """The same weights and progress (safetensors orders its header's entries at random)."""
-    config_a, weights_a, progress_a = read_model_file(a)
-    config_b, weights_b, progress_b = read_model_file(b)
+    """The same weights and progress."""
+    config_a, weights_a, progress_a = read_model(a)
+    config_b, weights_b, progress_b = read_model(b)
     assert (config_a, progress_a) == (config_b, progress_b) and weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
 
 
 UNWRITABLE = {  # stage: the folder it cannot write to
-    "download": ".", "tokenize_corpus": "tokens", "pretrain": ".", "evaluate": ".", "sample": ".", "export": "export",
+    "download": ".", "tokenize_corpus": "tokens", "pretrain": ".", "evaluate": ".", "sample": ".",
 }
 
 
@@ -638,6 +684,19 @@ def test_an_unwritable_output_folder(open_ws, script):
     (open_ws / "resume").chmod(0o777)  # pretrain may still save its training
     error = run_failing(script, open_ws, "permission denied for", new=("resume/pretrain.pt",), user=as_another_user)
     assert ".tmp" not in error
+
+
+def test_pretrain_with_an_unwritable_model_folder(open_ws, corpus_path, live_rewrites):
+    """It trains, rewriting the curves and metrics as it goes, then cannot write the model: the
+    curves and metrics are put back (as another user, they were kept as copies, not hard links)."""
+    another_run(open_ws, corpus_path)
+    for folder in (open_ws, open_ws / "plots", open_ws / "resume"):
+        folder.chmod(0o777)
+    (open_ws / "model").chmod(0o555)
+    error = run_failing("pretrain", open_ws, "permission denied for", "model", "the training is saved in",
+                        new=("resume/pretrain.pt",), user=as_another_user)
+    assert ".tmp" not in error
+    assert_rewritten_then_put_back(live_rewrites, open_ws)
 
 
 @contextlib.contextmanager
@@ -671,20 +730,23 @@ FULL = {  # stage: the outputs placed on the full disk (option: name there)
     "download": {"out": "raw"}, "tokenize_corpus": {"out": "tokens"},
     # the model, written after training (the curves and metrics are written before it: a full
     # disk there stops the stage before training, as a path in the way does)
-    "pretrain": {"model": "model.safetensors"},
-    "evaluate": {"out": "eval.json"}, "sample": {"out": "sample.txt"}, "export": {"out": "export"},
+    "pretrain": {"model": "model"},
+    "evaluate": {"out": "eval.json"}, "sample": {"out": "sample.txt"},
 }
 
 
 @pytest.mark.parametrize("script", FULL)
-def test_a_full_disk(ws, outputs, script):
+def test_a_full_disk(ws, outputs, corpus_path, live_rewrites, script):
     full = ws / "full"
+    if script == "pretrain":
+        another_run(ws, corpus_path)
     with full_disk(full, {name: outputs / name for name in FULL[script].values()}):
         args = args_for(script, ws, **{option: full / name for option, name in FULL[script].items()})
         error = run_failing(script, ws, "no space left on the device writing", str(full), args=args,
-                            new=("resume/pretrain.pt",), live=LIVE_REPORT if script == "pretrain" else ())
+                            new=("resume/pretrain.pt",))
     if script == "pretrain":
         assert "the training is saved in" in error
+        assert_rewritten_then_put_back(live_rewrites, ws)
 
 
 def test_a_disk_that_fills_as_the_file_is_flushed(tmp_path, monkeypatch, capsys):
@@ -725,6 +787,30 @@ def test_libraries_that_write_files_themselves_report_the_os_error(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_files_kept_on_another_file_system_are_copied_back(tmp_path, monkeypatch):
+    """Where the folder that keeps the previous files is on another file system (no hard link,
+    no rename across), they are kept as copies and copied back; a file that was not there
+    before is removed again."""
+    previous, new, keep = tmp_path / "plots/losses.csv", tmp_path / "train.json", tmp_path / "resume/previous"
+    previous.parent.mkdir()
+    previous.write_text("the previous run's")
+    rename = os.replace
+
+    def cross_device(*args):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "link", cross_device)
+    monkeypatch.setattr(os, "replace", lambda src, dst: cross_device() if Path(src).parent == keep
+                        else rename(src, dst))
+    with pytest.raises(KeyboardInterrupt):
+        with files.put_back_on_failure([previous, new], keep):
+            files.write_text(previous, "this run's")
+            files.write_text(new, "{}")
+            raise KeyboardInterrupt
+    assert previous.read_text() == "the previous run's" and not new.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["losses.csv", "plots", "resume"]
+
+
 def test_outputs_get_the_mode_of_the_umask(tmp_path):
     previous = os.umask(0o027)
     files.output_mode.cache_clear()
@@ -741,22 +827,27 @@ def test_outputs_get_the_mode_of_the_umask(tmp_path):
 # ---------------------------------------------------------------- signals
 
 @pytest.fixture
-def sigterm_guard():
-    """SIGTERM raises while the test runs, should a stage let it through: pytest survives it."""
+def signals_raise():
+    """While the test runs, SIGINT raises KeyboardInterrupt and SIGTERM Terminated, whatever this
+    process inherited: should a stage let one through, pytest survives it. A process started in
+    the background by a non-interactive shell (`nohup .ci/run &`) ignores SIGINT, and Python then
+    installs no KeyboardInterrupt handler, so a Ctrl-C test would see nothing happen. Processes the
+    test starts get SIGINT's default action (exec resets a handler, never an ignored signal)."""
     def raise_terminated(signum, frame):
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated)}
     yield
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 POINTS = {  # where a signal lands: (module, function) after whose call it is sent
-    "start": {"": ("gptpipe.params", "load_params"), "export": ("gptpipe.checkpoint", "load_model")},
+    "start": {"": ("gptpipe.params", "load_params")},
     "work": {"download": ("gptpipe.download", "hash_local"),
              "tokenize_corpus": ("gptpipe.tokens:TokenWriter", "write"),
-             "evaluate": ("gptpipe.metrics", "batch_loss"), "sample": ("gptpipe.generate", "next_token"),
-             "export": ("gptpipe.weights", "to_hf_state_dict")},
+             "evaluate": ("gptpipe.metrics", "batch_loss"), "sample": ("gptpipe.generate", "next_token")},
     "write": {"": ("gptpipe.files", "output_mode")},  # a temporary file written, not yet renamed
 }
 
@@ -787,31 +878,59 @@ SIGNAL_CASES = [(script, point, signum) for script in STAGES if script != "pretr
 
 @pytest.mark.parametrize("script, point, signum", SIGNAL_CASES,
                          ids=[f"{s}-{p}-{signal.Signals(n).name}" for s, p, n in SIGNAL_CASES])
-def test_a_signal_stops_a_stage_cleanly(ws, monkeypatch, sigterm_guard, script, point, signum):
+def test_a_signal_stops_a_stage_cleanly(ws, monkeypatch, signals_raise, script, point, signum):
     target, name = POINTS[point].get(script) or POINTS[point][""]
     signal_after(monkeypatch, target, name, signum)
     what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
     run_failing(script, ws, f"stopped by {what} before the stage finished", "previous outputs are unchanged")
 
 
-def test_pretrain_stops_cleanly_before_training(ws, monkeypatch, sigterm_guard):
+def test_pretrain_stops_cleanly_before_training(ws, monkeypatch, signals_raise):
     signal_after(monkeypatch, "gptpipe.params", "load_params", signal.SIGTERM)
     run_failing("pretrain", ws, "stopped by SIGTERM before the stage finished")
 
 
-def test_pretrain_stopped_while_training_saves_its_state(ws, monkeypatch, sigterm_guard):
-    signal_after(monkeypatch, "gptpipe.train", "optimizer_step", signal.SIGTERM)
-    run_failing("pretrain", ws, "stopped by signal 15 after step 0; the state is saved in", "to resume",
-                new=("resume/pretrain.pt",), live=LIVE_REPORT)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_pretrain_stopped_while_training_saves_its_state(ws, corpus_path, monkeypatch, signals_raise, live_rewrites,
+                                                         signum):
+    """Stopped after its first step and evaluation: the state is saved, and the curves and
+    metrics of that evaluation give way to the previous ones."""
+    another_run(ws, corpus_path)
+    signal_after(monkeypatch, "gptpipe.train", "optimizer_step", signum)
+    run_failing("pretrain", ws, f"stopped by signal {signum} after step 0; the state is saved in", "to resume",
+                "the previous curves and metrics are back", new=("resume/pretrain.pt",))
     assert (ws / "resume/pretrain.pt").is_file()
+    assert_rewritten_then_put_back(live_rewrites, ws)
 
 
-def test_pretrain_finishes_its_outputs_when_stopped_while_writing_them(ws, outputs, monkeypatch, sigterm_guard):
+def test_pretrain_stopped_twice_stops_at_once_and_puts_the_curves_back(ws, corpus_path, monkeypatch, signals_raise,
+                                                                       live_rewrites):
+    """A second Ctrl-C does not wait for the step to end: no state is saved, and the curves of
+    the evaluation before it give way to the previous ones all the same."""
+    another_run(ws, corpus_path)
+    from gptpipe import train
+    original = train.optimizer_step
+    steps = []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        result = original(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(train, "optimizer_step", step_then_ctrl_c)
+    run_failing("pretrain", ws, "stopped by Ctrl-C (SIGINT) before the stage finished")
+    assert_rewritten_then_put_back(live_rewrites, ws)
+
+
+def test_pretrain_finishes_its_outputs_when_stopped_while_writing_them(ws, outputs, monkeypatch, signals_raise):
     """The training is done: a stop request during the seconds of writing lets them finish."""
     signal_after(monkeypatch, "gptpipe.pretrain", "save_model", signal.SIGTERM)  # the final writes
-    (ws / "model.safetensors").unlink()
+    shutil.rmtree(ws / "model")
     assert run_stage_cli("pretrain", ws / "params.yaml", *args_for("pretrain", ws)).status == 0
-    assert_same_model(ws / "model.safetensors", outputs / "model.safetensors")
+    assert_same_model(ws / "model", outputs / "model")
     assert not (ws / "resume/pretrain.pt").exists()
 
 
@@ -822,7 +941,7 @@ def children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["SIGTERM to the stage", "Ctrl-C to its process group"])
-def test_a_real_signal_stops_tokenize_and_its_workers(ws, corpus_path, signum, to_group):
+def test_a_real_signal_stops_tokenize_and_its_workers(ws, corpus_path, signals_raise, signum, to_group):
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         pytest.skip("needs Linux's /proc/PID/task/PID/children")
     (ws / "big.txt").write_text(corpus_path.read_text() * 300)
@@ -957,7 +1076,7 @@ def test_a_padded_vocabulary_never_yields_an_id_the_tokenizer_lacks(padded_model
              for s in range(2) for t, k, p in [(1.0, None, 1.0), (100.0, None, 0.9), (1e-30, 50, 1.0)]]
     for ids in runs:
         assert int(ids[0, 2:].max()) < GPT2_VOCAB_SIZE
-    save_model(tmp_path / "model.safetensors", padded_model)
+    save_model(tmp_path / "model", padded_model)
     params = write_params(tmp_path / "params.yaml", {"train": {"device": "cpu"}, "sample": {"max_new_tokens": 3}})
     assert run_stage_cli("sample", params, *stage_args("sample", tmp_path)).status == 0
 
@@ -1006,9 +1125,7 @@ BEAM_CFG = GPTConfig(vocab_size=12, context_length=16, emb_dim=16, n_heads=2, n_
 def transformers_beam(model: GPTModel, tmp_path: Path, prompt: list[int], max_new: int, beams: int,
                       length_penalty: float, eos_id: int) -> list[int]:
     transformers = pytest.importorskip("transformers")
-    from gptpipe.weights import export_hf_gpt2
-
-    export_hf_gpt2(model, tmp_path / "hf")
+    save_model(tmp_path / "hf", model)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, num_beams=beams, do_sample=False,
                       length_penalty=length_penalty, early_stopping="never", eos_token_id=eos_id,

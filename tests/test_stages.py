@@ -50,8 +50,7 @@ def run_recorded(stage: str, args: list[str], params_path: Path, monkeypatch) ->
                                        for f in dataclasses.fields(loaded)})
 
     module = load_stage(stage)
-    # A stage that reads no params (export) does not import load_params.
-    monkeypatch.setattr(module, "load_params", load_recorded, raising=False)
+    monkeypatch.setattr(module, "load_params", load_recorded)
     module.main(["--params", str(params_path), *args])
     return seen
 

@@ -1,6 +1,7 @@
 """Weights in and out: Hugging Face GPT-2 directories (also in huggingface_hub's cache) and the
-book's checkpoints give the same logits in our model, and our export gives the same logits in
-transformers. Nothing is downloaded: the GPT-2 models are small and randomly initialised."""
+book's checkpoints give the same logits in our model, and our model directory, as pretrain writes
+it, gives the same logits in transformers. Nothing is downloaded: the GPT-2 models are small and
+randomly initialised."""
 
 import hashlib
 import json
@@ -11,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY, make_tokens, run_stage, run_stage_process, stage_args, write_params
+from conftest import TINY, make_tokens, run_stage_process, stage_args, write_params
 from gptpipe.checkpoint import load_model, save_model
 from gptpipe.errors import PipelineError
 from gptpipe.hub import GPT2_SIZES
 from gptpipe.model import GPTConfig, GPTModel
 from gptpipe.params import load_params
-from gptpipe.weights import export_hf_gpt2, initial_model
+from gptpipe.weights import initial_model
 
 transformers = pytest.importorskip("transformers", reason="a test dependency: pip install -e '.[test]'")
 book_ch04 = pytest.importorskip("llms_from_scratch.ch04", reason="the book's code (make install)")
@@ -155,13 +156,13 @@ def test_scratch_and_loaded_models_leave_the_rng_in_the_same_state(tmp_path):
     assert torch.equal(torch.rand(3), after_scratch)
 
 
-# ---------------------------------------------------------------- Hugging Face out
+# ---------------------------------------------------------------- Hugging Face out: our model directory
 
 @pytest.mark.parametrize("tied, qkv_bias", [(True, True), (False, True), (False, False)])
-def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tied, qkv_bias):
+def test_our_model_loads_in_transformers_with_the_same_logits(tmp_path, tied, qkv_bias):
     cfg = GPTConfig(**{**vars(SMALL), "tie_embeddings": tied, "qkv_bias": qkv_bias})
     ours = randomised(GPTModel(cfg))
-    export_hf_gpt2(ours, tmp_path)
+    save_model(tmp_path, ours, step=0)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert_same_logits(hf_logits(hf), our_logits(ours))
     lm_head, wte = hf.lm_head.weight, hf.transformer.wte.weight
@@ -174,10 +175,16 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tied, qkv_b
         assert all(not block.attn.c_attn.bias.any() for block in hf.transformer.h)
 
 
-def test_export_then_import_gives_back_the_same_weights(tmp_path):
-    ours = randomised(GPTModel(SMALL))
-    export_hf_gpt2(ours, tmp_path)
-    back = initial_model(SMALL, str(tmp_path)).state_dict()
+@pytest.mark.parametrize("saved_by", ["pretrain", "transformers"])
+def test_our_model_as_init_from_gives_back_the_same_weights(tmp_path, saved_by):
+    """Also once transformers saved it again (it keeps config.json's gptpipe entry); the model's
+    own config, not GPT-2's defaults, gives the architecture: here no qkv bias."""
+    cfg = GPTConfig(**{**vars(SMALL), "qkv_bias": False, "tie_embeddings": False})
+    ours = randomised(GPTModel(cfg))
+    save_model(tmp_path / "ours", ours, step=0)
+    if saved_by == "transformers":
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "hf")
+    back = initial_model(cfg, str(tmp_path / ("ours" if saved_by == "pretrain" else "hf"))).state_dict()
     expected = ours.state_dict()
     assert back.keys() == expected.keys()
     assert all(torch.equal(back[key], expected[key]) for key in expected)
@@ -246,11 +253,11 @@ def save_to_hub_cache(model, hf_home: Path, repo: str, commit: str) -> None:
     (folder / "refs/main").write_text(commit)
 
 
-def test_gpt2_by_name_from_the_hub_cache_offline_then_exported(tmp_path, corpus_path, monkeypatch):
+def test_gpt2_by_name_from_the_hub_cache_offline_then_back_to_transformers(tmp_path, corpus_path, monkeypatch):
     """The one-param run, `init_from: gpt2` with train.epochs 0, offline with the weights in
     huggingface_hub's cache: the architecture comes from the checkpoint (the model.* keys
-    are auto), its first context_length positions are kept, the model file computes what the
-    checkpoint computes, and the export stage gives it back to transformers unchanged."""
+    are auto), its first context_length positions are kept, the model pretrain writes computes
+    what the checkpoint computes, here and in transformers."""
     hf = hf_gpt2(vocab_size=50257, n_positions=64)
     save_to_hub_cache(hf, tmp_path / "hf", *GPT2_SIZES["gpt2"])
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -263,33 +270,35 @@ def test_gpt2_by_name_from_the_hub_cache_offline_then_exported(tmp_path, corpus_
     result = run_stage_process("pretrain", params, *stage_args("pretrain", tmp_path))
     assert result.returncode == 0, result.stderr
     assert f"openai-community/gpt2 at revision {GPT2_SIZES['gpt2'][1]}" in result.stderr
-    model, _ = load_model(tmp_path / "model.safetensors", torch.device("cpu"))
+    model, _ = load_model(tmp_path / "model", torch.device("cpu"))
     assert model.cfg == GPTConfig(**{**vars(SMALL), "vocab_size": 50257})
     assert json.loads((tmp_path / "train.json").read_text())["architecture"]["n_layers"] == 2
     tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
     expected = hf_logits(hf, tokens)
     assert_same_logits(our_logits(model, tokens), expected)
 
-    run_stage("export", params, *stage_args("export", tmp_path))
-    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "model").eval()
     assert_same_logits(hf_logits(exported, tokens), expected)
 
 
 # ---------------------------------------------------------------- this pipeline's own model files
 
-def test_init_from_an_earlier_runs_model_file(tmp_path):
-    """A run can start from another experiment's data/model/model.safetensors: same weights,
-    its architecture checked against the params like any checkpoint's."""
+def test_init_from_an_earlier_runs_model(tmp_path):
+    """A run can start from another experiment's data/model (or its model.safetensors): same
+    weights, its architecture checked against the params like any checkpoint's."""
     torch.manual_seed(0)
     earlier = randomised(GPTModel(SMALL))
-    save_model(tmp_path / "model.safetensors", earlier, step=7)
-    assert_same_logits(our_logits(initial_model(SMALL, str(tmp_path / "model.safetensors"))),
-                       our_logits(earlier))
+    save_model(tmp_path / "model", earlier, step=7)
+    for path in (tmp_path / "model", tmp_path / "model/model.safetensors"):
+        assert_same_logits(our_logits(initial_model(SMALL, str(path))), our_logits(earlier))
     shorter = GPTConfig(**{**vars(SMALL), "context_length": 16, "drop_rate": 0.0})  # both free to differ
-    assert_same_logits(our_logits(initial_model(shorter, str(tmp_path / "model.safetensors")), TOKENS[:, :16]),
+    assert_same_logits(our_logits(initial_model(shorter, str(tmp_path / "model")), TOKENS[:, :16]),
                        our_logits(earlier, TOKENS[:, :16]))
     with pytest.raises(PipelineError, match="model.n_layers is 3 in the params, 2 in the checkpoint"):
-        initial_model(GPTConfig(**{**vars(SMALL), "n_layers": 3}), str(tmp_path / "model.safetensors"))
+        initial_model(GPTConfig(**{**vars(SMALL), "n_layers": 3}), str(tmp_path / "model"))
+    (tmp_path / "lone.safetensors").write_bytes((tmp_path / "model/model.safetensors").read_bytes())
+    with pytest.raises(PipelineError, match="safetensors file without the config.json"):
+        initial_model(SMALL, str(tmp_path / "lone.safetensors"))
 
 
 def test_init_from_must_not_be_empty(tmp_path):

@@ -1,10 +1,21 @@
-"""The model a training run hands on: its weights and model config in one safetensors file.
+"""The model a training run hands on: a Hugging Face GPT-2 directory, which this pipeline and
+transformers' GPT2LMHeadModel.from_pretrained both load.
 
-safetensors holds tensors and a header of strings, nothing executable, and loads by
-memory-mapping. The header carries the GPTConfig and the run's progress (step, epoch,
-tokens seen) as JSON. A tied output head is stored once, as the token embedding. The
-optimizer's moments and the RNG states are not here: they are resume state (gptpipe.resume),
-so a DVC-cached model costs its weights only.
+- model.safetensors: the weights under GPT2LMHeadModel's names. safetensors holds tensors and a
+  header of strings, nothing executable, and loads by memory-mapping. A tied output head is
+  stored once, as the token embedding (GPT-2 omits lm_head.weight); an untied one (the book's
+  model) as lm_head.weight.
+- config.json: GPT-2's config, and under "gptpipe" the GPTConfig and the run's progress (step,
+  epoch, tokens seen). transformers keeps the extra entry as an attribute.
+
+One file in two formats would cost a DVC experiment its weights twice; this layout is both, so
+an experiment stores its weights once. The optimizer's moments and the RNG states are not here:
+they are resume state (gptpipe.resume).
+
+GPT-2 computes the same function as GPTModel. Its Conv1D layers store the transpose of an
+nn.Linear weight (y = x @ W + b), and one c_attn matrix holds the query, key and value
+projections side by side, always with a bias: a model without qkv bias stores zeros, which
+compute the same as none.
 
 This module also holds the one safe torch.load of the project, for the torch files it reads
 (resume state, the book's checkpoints): weights_only=True, never arbitrary unpickling.
@@ -24,28 +35,133 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptpipe.errors import PipelineError
-from gptpipe.files import atomic_path
+from gptpipe.files import atomic_path, write_json, written_together
 from gptpipe.model import GPTModel, uninitialized_weights
 from gptpipe.params import GPTConfig, parse_section
 
-HEADER_KEY = "gptpipe"  # the header entry that marks a model file of this pipeline
-FORMAT_VERSION = 1
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HEADER_KEY = "gptpipe"  # the config.json entry that marks a model of this pipeline
+FORMAT_VERSION = 2  # 1: a single safetensors file under GPTModel's names (no longer read)
+GPT2_END_OF_TEXT = 50256
 # What file_kind finds: the two formats read here, by their first bytes.
 SAFETENSORS = "a safetensors file"
 TORCH_FILE = "a PyTorch file (torch.save)"
+REWRITE = "re-run pretrain to write it again"
+
+# Per block: (our name, Hugging Face's name). 2-D weights among them are Conv1D in GPT-2.
+BLOCK_PARAMS = [
+    ("norm1.weight", "ln_1.weight"), ("norm1.bias", "ln_1.bias"),
+    ("att.out_proj.weight", "attn.c_proj.weight"), ("att.out_proj.bias", "attn.c_proj.bias"),
+    ("norm2.weight", "ln_2.weight"), ("norm2.bias", "ln_2.bias"),
+    ("ff.layers.0.weight", "mlp.c_fc.weight"), ("ff.layers.0.bias", "mlp.c_fc.bias"),
+    ("ff.layers.2.weight", "mlp.c_proj.weight"), ("ff.layers.2.bias", "mlp.c_proj.bias"),
+]
+MODEL_PARAMS = [
+    ("tok_emb.weight", "wte.weight"), ("pos_emb.weight", "wpe.weight"),
+    ("final_norm.weight", "ln_f.weight"), ("final_norm.bias", "ln_f.bias"),
+]
+QKV = ("W_query", "W_key", "W_value")
+# Buffers some GPT-2 checkpoints carry (the causal mask), not weights.
+HF_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-def save_model(path: str | Path, model: GPTModel, **progress: int) -> None:
-    """Write `model`'s weights, config and `progress` (step=..., epoch=...) to `path`, atomically."""
-    state = model.state_dict()
-    if model.cfg.tie_embeddings:
-        del state["out_head.weight"]  # the same tensor as tok_emb.weight
+def save_model(directory: str | Path, model: GPTModel, **progress: int) -> None:
+    """Write `model` as a Hugging Face GPT-2 directory, its config and `progress` (step=...,
+    epoch=...) in config.json; both files land together."""
+    directory = Path(directory)
     header = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(model.cfg), "progress": progress}
-    # One metadata entry: safetensors writes several in a random order (a Rust HashMap), so the
-    # same model gave different bytes from run to run, and DVC a different hash.
-    with atomic_path(path) as tmp:
-        save_file({key: value.detach().contiguous() for key, value in state.items()}, tmp,
-                  metadata={HEADER_KEY: json.dumps(header)})
+    with written_together():
+        with atomic_path(directory / HF_WEIGHTS) as tmp:
+            # One metadata entry, the one transformers asks for: safetensors writes several in a
+            # random order (a Rust HashMap), so the same model would give other bytes, and DVC
+            # another hash, from run to run.
+            save_file(to_hf_state_dict(model.state_dict(), model.cfg), tmp, metadata={"format": "pt"})
+        write_json(directory / HF_CONFIG, {**hf_config(model.cfg), HEADER_KEY: header})
+
+
+def hf_config(cfg: GPTConfig) -> dict[str, Any]:
+    """GPT-2's config.json for `cfg`."""
+    config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": True,
+    }
+    if cfg.vocab_size > GPT2_END_OF_TEXT:  # <|endoftext|> starts and ends GPT-2's documents
+        config |= {"bos_token_id": GPT2_END_OF_TEXT, "eos_token_id": GPT2_END_OF_TEXT}
+    return config
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our state dict as GPT2LMHeadModel's: the inverse of from_hf_state_dict. Without qkv bias,
+    c_attn gets a zero bias."""
+    hf = {f"transformer.{theirs}": state[ours] for ours, theirs in MODEL_PARAMS}
+    for i in range(cfg.n_layers):
+        ours, theirs = f"trf_blocks.{i}.att.", f"transformer.h.{i}."
+        hf[f"{theirs}attn.c_attn.weight"] = torch.cat([state[f"{ours}{n}.weight"] for n in QKV]).t()
+        hf[f"{theirs}attn.c_attn.bias"] = (
+            torch.cat([state[f"{ours}{n}.bias"] for n in QKV]) if cfg.qkv_bias
+            else state[f"{ours}W_query.weight"].new_zeros(3 * cfg.emb_dim))
+        for our_name, their_name in BLOCK_PARAMS:
+            value = state[f"trf_blocks.{i}.{our_name}"]
+            hf[theirs + their_name] = value.t() if value.ndim == 2 else value
+    if not cfg.tie_embeddings:
+        hf["lm_head.weight"] = state["out_head.weight"]
+    return {key: value.detach().cpu().contiguous() for key, value in hf.items()}
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], n_layers: int, tied: bool,
+                       source: str) -> dict[str, torch.Tensor]:
+    """Rename a GPT2LMHeadModel or GPT2Model state dict to ours, splitting c_attn into query,
+    key and value and transposing the Conv1D weights (views: no copy). `source` names the
+    file in messages."""
+    hf = {key.removeprefix("transformer."): value for key, value in hf_state.items()
+          if not key.endswith(HF_BUFFER_SUFFIXES)}
+
+    def take(key: str) -> torch.Tensor:
+        try:
+            return hf.pop(key)
+        except KeyError:
+            raise PipelineError(f"{source} lacks the GPT-2 weight {key!r} (its config.json promises "
+                                f"{n_layers} layers)") from None
+
+    state = {ours: take(theirs) for ours, theirs in MODEL_PARAMS}
+    for i in range(n_layers):
+        ours, theirs = f"trf_blocks.{i}.", f"h.{i}."
+        # c_attn: (emb, 3 * emb) as Conv1D -> three nn.Linear weights of (emb, emb)
+        for name, weight in zip(QKV, take(f"{theirs}attn.c_attn.weight").t().chunk(3)):
+            state[f"{ours}att.{name}.weight"] = weight
+        for name, bias in zip(QKV, take(f"{theirs}attn.c_attn.bias").chunk(3)):
+            state[f"{ours}att.{name}.bias"] = bias
+        for our_name, their_name in BLOCK_PARAMS:
+            value = take(theirs + their_name)
+            state[ours + our_name] = value.t() if value.ndim == 2 else value
+    lm_head = hf.pop("lm_head.weight", None)
+    if tied:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    elif lm_head is None:
+        raise PipelineError(f"{source} lacks 'lm_head.weight', which an untied model "
+                            f"(tie_word_embeddings: false) needs")
+    else:
+        state["out_head.weight"] = lm_head
+    if hf:
+        raise PipelineError(f"{source} holds weights its config.json does not account for: "
+                            f"{', '.join(sorted(hf)[:5])}")
+    return state
 
 
 def file_kind(path: Path) -> str:
@@ -81,42 +197,67 @@ def require_usable_weights(state: dict[str, torch.Tensor], source: str, fix: str
                                 f"damaged model); {fix}")
 
 
-def read_model_file(path: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def is_model_directory(path: Path) -> bool:
+    """Whether `path` is a directory whose config.json marks a model of this pipeline."""
+    try:
+        return HEADER_KEY in json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def read_model(path: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """The config, the weights (by GPTModel's names, the tied head included) and the progress
-    stored in a model file of this pipeline."""
+    of a model directory of this pipeline."""
     path = Path(path)
     if not path.exists():
-        raise PipelineError(f"model file {path} not found: run the pretrain stage first (dvc repro pretrain)")
-    if (kind := file_kind(path)) != SAFETENSORS:
-        raise PipelineError(f"{path} is {kind}, not a model file of this pipeline (safetensors); re-run "
-                            f"pretrain to write it, or give the path of one")
+        raise PipelineError(f"model {path} not found: run the pretrain stage first (dvc repro pretrain)")
+    if not path.is_dir():
+        raise PipelineError(f"{path} is {file_kind(path)}, not a model of this pipeline (a directory of "
+                            f"{HF_CONFIG} and {HF_WEIGHTS}); re-run pretrain to write it, or give the path of one")
+    config_path, weights = path / HF_CONFIG, path / HF_WEIGHTS
+    for part in (config_path, weights):
+        if not part.exists():
+            raise PipelineError(f"{part} not found: {path} is not a whole model of this pipeline; {REWRITE}")
     try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise PipelineError(f"{path} is not a readable safetensors file ({e}); if it is a model "
-                            f"of this pipeline, re-run pretrain to write it again") from e
-    if HEADER_KEY not in metadata:
-        raise PipelineError(f"{path} is a safetensors file but not a model of this pipeline (its header "
-                            f"has no '{HEADER_KEY}' entry); a Hugging Face GPT-2 is a directory with "
-                            f"config.json next to it")
+        header = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{config_path} is not valid JSON ({e}); {REWRITE}") from e
+    if not isinstance(header, dict) or HEADER_KEY not in header:
+        raise PipelineError(f"{config_path} has no '{HEADER_KEY}' entry: {path} is not a model of this "
+                            f"pipeline (a Hugging Face GPT-2 directory can be model.init_from)")
     try:
-        header = json.loads(metadata[HEADER_KEY])
+        header = header[HEADER_KEY]
+        if header["format_version"] != FORMAT_VERSION:
+            raise PipelineError(f"format version {header['format_version']}, this version reads {FORMAT_VERSION}")
         config = parse_section(GPTConfig, "model.", header["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, PipelineError) as e:
-        raise PipelineError(f"{path} has a model header this version cannot read "
-                            f"({str(e).removeprefix('params: ')}); re-run pretrain to write it again") from e
-    require_usable_weights(state, str(path), "re-run pretrain to write it again")
-    if config.tie_embeddings and "tok_emb.weight" in state:
-        state["out_head.weight"] = state["tok_emb.weight"]
-    return config, state, header.get("progress", {})
+    except (KeyError, TypeError, PipelineError) as e:
+        raise PipelineError(f"{config_path} has a model header this version cannot read "
+                            f"({str(e).removeprefix('params: ')}); {REWRITE}") from e
+    if (kind := file_kind(weights)) != SAFETENSORS:
+        raise PipelineError(f"{weights} is {kind}, not a safetensors file; {REWRITE}")
+    try:
+        with safe_open(weights, framework="pt", device=str(device)) as f:
+            hf_state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise PipelineError(f"{weights} is not a readable safetensors file ({e}); {REWRITE}") from e
+    require_usable_weights(hf_state, str(weights), REWRITE)
+    try:
+        state = from_hf_state_dict(hf_state, config.n_layers, config.tie_embeddings, str(weights))
+    except PipelineError as e:
+        raise PipelineError(f"{e}; {REWRITE}") from e
+    if not config.qkv_bias:
+        biases = [state.pop(f"trf_blocks.{i}.att.{name}.bias") for i in range(config.n_layers) for name in QKV]
+        if any(bias.any() for bias in biases):
+            raise PipelineError(f"{weights} holds query/key/value biases that are not zero, though its "
+                                f"config says qkv_bias: false; {REWRITE}")
+    # transposed views, copied once here so that every layer computes on contiguous weights
+    return config, {key: value.contiguous() for key, value in state.items()}, header.get("progress", {})
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[GPTModel, dict[str, Any]]:
-    """The model of a model file, on `device`, in eval mode; and its progress counters."""
-    config, state, progress = read_model_file(path, device)
+    """The model of a model directory, on `device`, in eval mode; and its progress counters."""
+    config, state, progress = read_model(path, device)
     with uninitialized_weights():
         model = GPTModel(config)
     try:

@@ -4,20 +4,25 @@ Every output is written to a temporary file next to it and renamed into place on
 complete. On any failure (an exception, Ctrl-C, SIGTERM: see gptpipe.cli) the temporary file is
 removed and the previous output stays as it was. Inside `written_together()`, the renames of
 all the block's outputs wait for the block's end, so a stage's outputs never mix two runs.
+Files that a long block rewrites as it goes (pretrain's live curves) are put back by
+`put_back_on_failure` if the block fails.
 """
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
 from pathlib import Path
 from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 # Below this much free space, a failed write is taken to be the full disk's doing (see os_error_of).
 NEARLY_FULL_BYTES = 1 << 20
@@ -88,6 +93,80 @@ def written_together() -> Iterator[None]:
         _pending.reset(token)
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
+
+
+class KeptFiles:
+    """See put_back_on_failure."""
+
+    def __init__(self, paths: Iterable[Path], keep_dir: Path):
+        self.keep_dir = keep_dir
+        keep_dir.mkdir(parents=True, exist_ok=True)
+        # path: (its previous bytes kept under keep_dir, or None where there was no file; its identity)
+        self.kept: dict[Path, tuple[Path | None, tuple | None]] = {}
+        for i, path in enumerate(paths):
+            copy = keep_dir / f"{i}.{path.name}"
+            copy.unlink(missing_ok=True)  # left by a killed run: the workspace may have changed since
+            if path.is_file():
+                try:
+                    os.link(path, copy)  # no bytes copied, and putting it back is a rename
+                except OSError:  # another file system, or a file of another user (protected_hardlinks)
+                    shutil.copy2(path, copy)
+            self.kept[path] = (copy if path.is_file() else None, identity(path))
+
+    def put_back(self) -> None:
+        for path, (copy, before) in self.kept.items():
+            if identity(path) == before:
+                continue  # not rewritten
+            try:
+                if copy is None:
+                    path.unlink(missing_ok=True)
+                    continue
+                try:
+                    os.replace(copy, path)
+                except OSError:  # across file systems
+                    with atomic_path(path) as tmp:
+                        shutil.copyfile(copy, tmp)
+            except OSError as e:
+                log.warning(f"could not put {path} back as it was ({e.strerror or e}): it shows the failed "
+                            f"run; `dvc checkout` restores the outputs dvc.lock names")
+
+    def discard(self) -> None:
+        """Keep the files as they are now, whatever happens next."""
+        for copy, _ in self.kept.values():
+            if copy is not None:
+                copy.unlink(missing_ok=True)
+        self.kept = {}
+        try:
+            self.keep_dir.rmdir()
+        except OSError:
+            pass  # not empty: something else lives there
+
+
+def identity(path: Path) -> tuple | None:
+    """What changes when a file is replaced or rewritten; None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:  # none there, or no way to it (which the writes will report)
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@contextmanager
+def put_back_on_failure(paths: Iterable[Path], keep_dir: Path) -> Iterator[KeptFiles]:
+    """The files at `paths` as they are when the block starts, put back byte for byte if the
+    block raises anything, Ctrl-C and SIGTERM included (one that did not exist is removed again);
+    after `kept.discard()`, or at the block's end, they stay as the block left them. The block
+    must rewrite them by atomic writes (a new file renamed into place): the previous ones are
+    kept as hard links in `keep_dir`, so putting them back is a rename, which a full disk allows
+    too. A process killed outright (SIGKILL) leaves the block's files and the links."""
+    kept = KeptFiles(paths, keep_dir)
+    try:
+        yield kept
+    except BaseException:
+        kept.put_back()
+        raise
+    finally:
+        kept.discard()
 
 
 def os_error_of(e: BaseException, tmp: Path, path: Path) -> BaseException:

@@ -132,7 +132,7 @@ class ModelParams:
                 f"tokenize stage writes; use auto, {GPT2_VOCAB_SIZE}, or more for padding (e.g. 50304)")
         require(bool(self.init_from.strip()), "model.init_from",
                 "is empty: use scratch, gpt2 (or gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face repo id, "
-                "a model.safetensors of this pipeline, a Hugging Face GPT-2 directory or a model.pth of the "
+                "a model of this pipeline (data/model), a Hugging Face GPT-2 directory or a model.pth of the "
                 "book's code")
         if self.init_from == SCRATCH:
             resolve_architecture(self)  # the whole architecture is known: check it now

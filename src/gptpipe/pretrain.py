@@ -7,9 +7,14 @@ the loop, the outputs) → gptpipe.train.train (the loop itself).
 A resumable state is saved every train.checkpoint_every steps, on Ctrl-C/SIGTERM, and when
 the outputs cannot be written, under paths.resume_dir; a later run with the same params and
 tokens resumes from it (so a failed write of the outputs costs a re-run of the writes, not of
-the training). The model file (paths.model) holds weights and config only.
+the training). The model (paths.model) holds weights and config only.
+
+The outputs of a run are all of one run: the curves and metrics, rewritten at every evaluation
+so that a run can be watched, are put back as they were if the run fails or is stopped
+(gptpipe.files.put_back_on_failure), and the model and final report land together.
 """
 
+import contextlib
 import importlib
 import logging
 import math
@@ -25,7 +30,7 @@ from gptpipe.data import require_windows, window_loader
 from gptpipe.device import hold_freed_memory, require_memory, resolve_device
 from gptpipe.distributed import AgreedStop, Processes, data_parallel, process_group, same_on_all, sharded_loader
 from gptpipe.errors import PipelineError, os_error_message
-from gptpipe.files import written_together
+from gptpipe.files import put_back_on_failure, written_together
 from gptpipe.generate import generate
 from gptpipe.model import GPTModel
 from gptpipe.params import ModelParams, Params, TrainParams, resolve_architecture
@@ -44,7 +49,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PretrainPaths:
     tokens: Path  # the tokenize stage's directory
-    model: Path  # the model file to write
+    model: Path  # the model directory to write
     plots: Path  # losses.csv and lr.csv go here
     metrics: Path  # training metrics (JSON)
     resume_dir: Path  # the resumable state; not a DVC output
@@ -52,6 +57,11 @@ class PretrainPaths:
     @property
     def resume_state(self) -> Path:
         return self.resume_dir / "pretrain.pt"
+
+    @property
+    def previous_report(self) -> Path:
+        """Where the curves and metrics of the previous run wait while this one rewrites them."""
+        return self.resume_dir / "previous"
 
 
 # ---------------------------------------------------------------- setup
@@ -174,28 +184,36 @@ def pretrain(params: Params, paths: PretrainPaths, processes: Processes, device:
 
     stop = AgreedStop(device) if processes.distributed else StopRequested()
     report = TrainingReport(schedule, paths.plots, paths.metrics, model.cfg, parameters)
-    if processes.is_main:  # before training, so that a path in the way stops the stage now, not later:
-        paths.resume_dir.mkdir(parents=True, exist_ok=True)  # where the training is kept
-        report.write(state or TrainState())  # the curves so far (none, or a resumed run's)
     hooks = Hooks(save_state=lambda s: save_state(paths.resume_state, run_id, model, optimizer, s),
                   on_epoch_end=log_sample, on_evaluation=report.write, stop=stop)
+    if processes.is_main:
+        paths.resume_dir.mkdir(parents=True, exist_ok=True)  # where the training is kept
+    previous = (put_back_on_failure(report.live_files, paths.previous_report) if processes.is_main
+                else contextlib.nullcontext())
     try:
-        with stop.installed():  # over the final writes too: a stop request lets them finish
+        # a stop request lets the final writes finish, and the putting back of the curves
+        with stop.installed(), previous as kept:
+            if processes.is_main:  # before training, so that a path in the way stops the stage now, not later
+                report.write(state or TrainState())  # the curves so far (none, or a resumed run's)
             state = train(model, optimizer, loaders, loop_settings(opts), schedule, device=device,
                           amp_dtype=amp_dtype, state=state, hooks=hooks, parallel=parallel, forward=forward)
             if processes.is_main:
                 write_outputs(model, state, opts.epochs, report, paths, keep_training)
+                kept.discard()  # the run's outputs have landed, all together
     except TrainingStopped as e:
         raise PipelineError(f"{e}; the state is saved in {paths.resume_state}: run the stage again "
-                            f"(dvc repro) to resume") from e
+                            f"(dvc repro) to resume; the previous curves and metrics are back as they "
+                            f"were") from e
+    if processes.is_main:
+        paths.resume_state.unlink(missing_ok=True)
     return state
 
 
 def write_outputs(model: GPTModel, state: TrainState, epochs: int, report: TrainingReport, paths: PretrainPaths,
                   keep_training: Callable[[], None]) -> None:
-    """The model and the report, landing together; then the resumable state is no longer needed.
-    If they cannot be written, `keep_training` saves the resumable state first (only then: it is
-    the optimizer's moments too, three times the model), so the training is not lost."""
+    """The model and the report, landing together. If they cannot be written, `keep_training`
+    saves the resumable state first (only then: it is the optimizer's moments too, three times
+    the model), so the training is not lost."""
     try:
         with written_together():
             save_model(paths.model, model, step=state.step, epoch=min(state.epoch, epochs),
@@ -205,4 +223,3 @@ def write_outputs(model: GPTModel, state: TrainState, epochs: int, report: Train
         keep_training()
         raise PipelineError(f"{os_error_message(e)}; the training is saved in {paths.resume_state}: run "
                             f"the stage again to write the outputs without training again") from e
-    paths.resume_state.unlink(missing_ok=True)

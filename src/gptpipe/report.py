@@ -38,6 +38,11 @@ class TrainingReport:
         self.rows: dict[str, list[tuple]] = {name: [] for name in self.columns}
         self.lines = {name: [csv_line(columns)] for name, columns in self.columns.items()}
 
+    @property
+    def live_files(self) -> list[Path]:
+        """What every write rewrites."""
+        return [self.plots_dir / name for name in self.lines] + [self.metrics_path]
+
     def write(self, state: TrainState) -> None:
         """Write the curves and metrics of `state`."""
         for record in state.records[len(self.rows["losses.csv"]):]:

@@ -1,7 +1,7 @@
 """Model weights in and out.
 
-In: the initial weights of pretraining, `model.init_from`: `scratch`, a model file of this
-pipeline (data/model/model.safetensors, e.g. an earlier experiment's), a Hugging Face GPT-2
+In: the initial weights of pretraining, `model.init_from`: `scratch`, a model of this
+pipeline (data/model, e.g. an earlier experiment's), a Hugging Face GPT-2
 directory (config.json + model.safetensors, the layout of openai-community/gpt2), a
 checkpoint written by the book's code (model.pth, a GPTModel state dict, or
 model_and_optimizer.pth), or, where no such local path exists, a GPT-2 on the Hugging Face
@@ -11,11 +11,8 @@ them, except that the context may be shorter: the model then keeps the first pos
 embeddings, and computes on such short sequences exactly what the checkpoint computes (as
 nanoGPT's crop_block_size).
 
-Out: a Hugging Face GPT-2 directory that transformers' GPT2LMHeadModel.from_pretrained loads.
-
-Hugging Face's GPT-2 computes the same function as GPTModel. Its Conv1D layers store the
-transpose of an nn.Linear weight (y = x @ W + b), and one c_attn matrix holds the query, key
-and value projections side by side.
+Out: nothing to do. The model pretrain writes is a Hugging Face GPT-2 directory already
+(gptpipe.checkpoint), which transformers' GPT2LMHeadModel.from_pretrained loads.
 """
 
 import dataclasses
@@ -26,20 +23,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from gptpipe.checkpoint import SAFETENSORS, TORCH_FILE, file_kind, read_model_file, require_usable_weights, torch_load
+from gptpipe.checkpoint import (HF_CONFIG, HF_WEIGHTS, SAFETENSORS, TORCH_FILE, file_kind, from_hf_state_dict,
+                                is_model_directory, read_model, require_usable_weights, torch_load)
 from gptpipe.errors import PipelineError
-from gptpipe.files import atomic_path, write_json, written_together
 from gptpipe.hub import download, parse_hub_id
 from gptpipe.model import GPTModel, from_book_state_dict
 from gptpipe.params import AUTO, SCRATCH, GPTConfig, ModelParams, resolve_architecture
 
 log = logging.getLogger(__name__)
-
-HF_CONFIG = "config.json"
-HF_WEIGHTS = "model.safetensors"
-GPT2_END_OF_TEXT = 50256
 
 # GPT2Config's defaults, for config.json files that leave a key out.
 HF_DEFAULTS: dict[str, Any] = {
@@ -55,23 +48,8 @@ SUPPORTED_HF_OPTIONS: dict[str, tuple[Any, ...]] = {
     "scale_attn_by_inverse_layer_idx": (False,),
     "add_cross_attention": (False,),
 }
-# Per block: (our name, Hugging Face's name). 2-D weights among them are Conv1D in GPT-2.
-BLOCK_PARAMS = [
-    ("norm1.weight", "ln_1.weight"), ("norm1.bias", "ln_1.bias"),
-    ("att.out_proj.weight", "attn.c_proj.weight"), ("att.out_proj.bias", "attn.c_proj.bias"),
-    ("norm2.weight", "ln_2.weight"), ("norm2.bias", "ln_2.bias"),
-    ("ff.layers.0.weight", "mlp.c_fc.weight"), ("ff.layers.0.bias", "mlp.c_fc.bias"),
-    ("ff.layers.2.weight", "mlp.c_proj.weight"), ("ff.layers.2.bias", "mlp.c_proj.bias"),
-]
-MODEL_PARAMS = [
-    ("tok_emb.weight", "wte.weight"), ("pos_emb.weight", "wpe.weight"),
-    ("final_norm.weight", "ln_f.weight"), ("final_norm.bias", "ln_f.bias"),
-]
-QKV = ("W_query", "W_key", "W_value")
-# Buffers some GPT-2 checkpoints carry (the causal mask), not weights.
-HF_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 ACCEPTED = ("scratch, gpt2 (or gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face repo id "
-            "(org/name[@revision]), a model file of this pipeline (model.safetensors), a Hugging Face GPT-2 "
+            "(org/name[@revision]), a model of this pipeline (data/model), a Hugging Face GPT-2 "
             "directory (config.json + model.safetensors) or a checkpoint of the book's code "
             "(model.pth or model_and_optimizer.pth)")
 
@@ -125,16 +103,21 @@ def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The architecture (GPTConfig fields) a checkpoint determines, and its weights under our names."""
     if not path.exists():
         raise PipelineError(f"model.init_from: {path} does not exist; give {ACCEPTED}")
+    if path.name == HF_WEIGHTS and (path.parent / HF_CONFIG).is_file():
+        path = path.parent  # the weights of a model directory: the directory
     if path.is_dir():
+        if is_model_directory(path):  # this pipeline's: its own config (qkv bias, context) is the truth
+            config, state, _ = read_model(path)
+            return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "drop_rate"}, state
         if not (path / HF_CONFIG).is_file():
             raise PipelineError(f"model.init_from: directory {path} has no {HF_CONFIG}; expected {ACCEPTED}")
         return read_hf_gpt2(path)
     kind = file_kind(path)  # by content: a renamed file is still read as what it is
-    if kind == SAFETENSORS:
-        config, state, _ = read_model_file(path)
-        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "drop_rate"}, state
     if kind == TORCH_FILE:
         return read_book_checkpoint(path)
+    if kind == SAFETENSORS:
+        raise PipelineError(f"model.init_from: {path} is a safetensors file without the {HF_CONFIG} that "
+                            f"describes its architecture; give the directory holding both")
     raise PipelineError(f"model.init_from: {path} is {kind}, not a checkpoint; expected {ACCEPTED}")
 
 
@@ -162,7 +145,8 @@ def read_hf_gpt2(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         "qkv_bias": True,  # GPT-2's c_attn always has a bias
         "tie_embeddings": config["tie_word_embeddings"],
     }
-    return found, from_hf_state_dict(hf_state, found["n_layers"], found["tie_embeddings"], weights)
+    return found, from_hf_state_dict(hf_state, found["n_layers"], found["tie_embeddings"],
+                                     f"model.init_from: {weights}")
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:
@@ -192,98 +176,6 @@ def read_hf_config(path: Path) -> dict[str, Any]:
                             f"does not implement (it supports {SUPPORTED_HF_OPTIONS} and n_inner "
                             f"null or 4 * n_embd)")
     return config
-
-
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor], n_layers: int, tied: bool,
-                       source: Path | str = "the checkpoint") -> dict[str, torch.Tensor]:
-    """Rename a GPT2LMHeadModel or GPT2Model state dict to ours, splitting c_attn into
-    query, key and value and transposing the Conv1D weights."""
-    hf = {key.removeprefix("transformer."): value for key, value in hf_state.items()
-          if not key.endswith(HF_BUFFER_SUFFIXES)}
-
-    def take(key: str) -> torch.Tensor:
-        try:
-            return hf.pop(key)
-        except KeyError:
-            raise PipelineError(f"model.init_from: {source} lacks the GPT-2 weight {key!r} "
-                                f"(its config.json promises {n_layers} layers)") from None
-
-    state = {ours: take(theirs) for ours, theirs in MODEL_PARAMS}
-    for i in range(n_layers):
-        ours, theirs = f"trf_blocks.{i}.", f"h.{i}."
-        # c_attn: (emb, 3 * emb) as Conv1D -> three nn.Linear weights of (emb, emb)
-        for name, weight in zip(QKV, take(f"{theirs}attn.c_attn.weight").t().chunk(3)):
-            state[f"{ours}att.{name}.weight"] = weight
-        for name, bias in zip(QKV, take(f"{theirs}attn.c_attn.bias").chunk(3)):
-            state[f"{ours}att.{name}.bias"] = bias
-        for our_name, their_name in BLOCK_PARAMS:
-            value = take(theirs + their_name)
-            state[ours + our_name] = value.t() if value.ndim == 2 else value
-    lm_head = hf.pop("lm_head.weight", None)
-    if tied:
-        state["out_head.weight"] = state["tok_emb.weight"]
-    elif lm_head is None:
-        raise PipelineError(f"model.init_from: {source} lacks 'lm_head.weight', which an untied "
-                            f"model (tie_word_embeddings: false) needs")
-    else:
-        state["out_head.weight"] = lm_head
-    if hf:
-        raise PipelineError(f"model.init_from: {source} holds weights its config.json does not "
-                            f"account for: {', '.join(sorted(hf)[:5])}")
-    return state
-
-
-def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """Our state dict as GPT2LMHeadModel's: the inverse of from_hf_state_dict. Without qkv bias,
-    c_attn gets a zero bias, which computes the same as none."""
-    hf = {f"transformer.{theirs}": state[ours] for ours, theirs in MODEL_PARAMS}
-    for i in range(cfg.n_layers):
-        ours, theirs = f"trf_blocks.{i}.att.", f"transformer.h.{i}."
-        hf[f"{theirs}attn.c_attn.weight"] = torch.cat([state[f"{ours}{n}.weight"] for n in QKV]).t()
-        hf[f"{theirs}attn.c_attn.bias"] = (
-            torch.cat([state[f"{ours}{n}.bias"] for n in QKV]) if cfg.qkv_bias
-            else state[f"{ours}W_query.weight"].new_zeros(3 * cfg.emb_dim))
-        for our_name, their_name in BLOCK_PARAMS:
-            value = state[f"trf_blocks.{i}.{our_name}"]
-            hf[theirs + their_name] = value.t() if value.ndim == 2 else value
-    if not cfg.tie_embeddings:
-        hf["lm_head.weight"] = state["out_head.weight"]
-    return {key: value.detach().cpu().contiguous() for key, value in hf.items()}
-
-
-def hf_config(cfg: GPTConfig) -> dict[str, Any]:
-    config = {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.context_length,
-        "n_embd": cfg.emb_dim,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": cfg.drop_rate,
-        "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "use_cache": True,
-    }
-    if cfg.vocab_size > GPT2_END_OF_TEXT:  # <|endoftext|> starts and ends GPT-2's documents
-        config |= {"bos_token_id": GPT2_END_OF_TEXT, "eos_token_id": GPT2_END_OF_TEXT}
-    return config
-
-
-def export_hf_gpt2(model: GPTModel, directory: str | Path) -> None:
-    """Write `model` as a Hugging Face GPT-2 directory: config.json and model.safetensors."""
-    directory = Path(directory)
-    state = to_hf_state_dict(model.state_dict(), model.cfg)
-    with written_together():
-        with atomic_path(directory / HF_WEIGHTS) as tmp:
-            save_file(state, tmp, metadata={"format": "pt"})
-        write_json(directory / HF_CONFIG, hf_config(model.cfg))
 
 
 # ---------------------------------------------------------------- the book's checkpoints
