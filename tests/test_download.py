@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import VERDICT_SHA256
+from conftest import VERDICT_SHA256, run_stage
 from gptpipe.download import SHIPPED, download
 from gptpipe.errors import PipelineError
 from gptpipe.params import load_params
@@ -363,3 +363,21 @@ def test_under_dvc_a_pinned_file_stored_before_comes_from_the_dvc_cache(server, 
     (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_dvc(dvc_project, "repro", "download")  # the URL is unreachable: the bytes can only be DVC's
     assert stored.read_bytes() == GOOD and read_manifest(stored.parent)[0].stored == "corpus.txt"
+
+
+def test_the_default_download_runs_with_the_network_blocked(tmp_path, monkeypatch, caplog):
+    """The project's own params.yaml (the book's story at its GitHub URL, its SHA-256 pinned)
+    with every connection refused: the shipped copy is used and the stage says so."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("the network is blocked in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with caplog.at_level(logging.INFO):
+        run_stage("download", ROOT / "params.yaml", "--out", str(tmp_path / "raw"))
+    assert "the copy shipped with gptpipe" in caplog.text
+    (file,) = read_manifest(tmp_path / "raw")
+    assert file.source == load_params(ROOT / "params.yaml").data.url and file.sha256 == VERDICT_SHA256
+    assert (tmp_path / "raw" / file.stored).read_bytes() == (SHIPPED / "the-verdict.txt").read_bytes()
