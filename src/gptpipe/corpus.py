@@ -139,11 +139,10 @@ def scan_file(file: CorpusFile, path: Path, rules: RowRules) -> FileScan:
 
 
 def scan(files: Sequence[tuple[CorpusFile, Path]], rules: RowRules,
-         pool: ProcessPoolExecutor | None = None) -> dict[bool, Stream]:
+         pool: ProcessPoolExecutor | None = None, window: int = 1) -> dict[bool, Stream]:
     """One pass over the corpus, a file per task in `pool` (or here): each file checked, and the
     characters of every document, per stream; the skipped rows are counted in `rules`."""
     streams = {val: Stream(val, array("q")) for val in (False, True)}
-    window = 2 * pool_size(pool)
     tasks = ((file, (file, path, rules)) for file, path in files)
     for file, found in in_order(pool, scan_file, tasks, window):
         stream = streams[file.split == "val"]
@@ -288,10 +287,6 @@ def encoding_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(wait=True, cancel_futures=True)  # also on Ctrl-C or SIGTERM: no process outlives the stage
 
 
-def pool_size(pool: ProcessPoolExecutor | None) -> int:
-    return 1 if pool is None else pool._max_workers
-
-
 def in_order(pool: ProcessPoolExecutor | None, function: Callable[..., Any], tasks: Iterable[tuple[Any, tuple]],
              window: int) -> Iterator[tuple[Any, Any]]:
     """(label, function(*args)) for each (label, args) of `tasks`, in order, computed in `pool`
@@ -351,8 +346,9 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
     encoding = gpt2_encoding()
     with written_together(), ExitStack() as stack:  # the token files and meta.json land together
         # one pool for both passes: on an error its processes stop when the block unwinds
-        pool = stack.enter_context(encoding_pool(workers or available_cores()))
-        streams = scan(files, rules, pool)
+        workers = workers or available_cores()
+        pool = stack.enter_context(encoding_pool(workers))
+        streams = scan(files, rules, pool, window=2 * workers)
         names = plan(streams, train_ratio, test_ratio)
         counts = {name: {"documents": 0, "characters": 0, "bytes": 0} for name in names}
         for stream in streams.values():
@@ -369,7 +365,7 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
                                        unit_scale=True, desc="tokenize", leave=False))
         work = (((split, sum(map(len, texts))), (texts, ends)) for split, texts, ends in
                 pieces(segments(files, streams, RowRules(text_field, bad_rows)), chunk_chars))
-        for (split, characters), (ids, n_bytes) in in_order(pool, encode_texts, work, 2 * pool_size(pool)):
+        for (split, characters), (ids, n_bytes) in in_order(pool, encode_texts, work, 2 * workers):
             writers[split].write(ids)
             counts[split]["bytes"] += n_bytes
             bar.update(characters)

@@ -3,7 +3,7 @@ Parquet or JSON-lines file is one, its text in the field data.text_field names. 
 begins and ends comes from the file's structure, never from what its text says: a literal
 <|endoftext|> in a document is text.
 
-Parquet is read row group by row group (pyarrow), JSON lines line by line, text in blocks, so
+Parquet is read a few pages at a time (pyarrow), JSON lines line by line, text in blocks, so
 no file is ever held whole. gzip and zstd (.gz, .zst) are decompressed as they are read.
 """
 
