@@ -42,7 +42,7 @@ from gptpipe.documents import BadRows, RowRules, document_blocks
 from gptpipe.download import hash_local
 from gptpipe.errors import PipelineError
 from gptpipe.files import write_json, written_together
-from gptpipe.sources import CorpusFile, read_manifest
+from gptpipe.sources import CorpusFile, file_format, read_manifest
 from gptpipe.tokenizer import END_OF_TEXT, gpt2_encoding
 from gptpipe.tokens import TOKEN_DTYPE, token_ids, token_writer
 
@@ -344,6 +344,9 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
     files = corpus_files(corpus)
     rules = RowRules(text_field, bad_rows)
     encoding = gpt2_encoding()
+    if any(file_format(file.name)[0] == "parquet" for file, _ in files):
+        # before the encoding processes fork, which then share its modules (imported in each, ~30 MB apiece)
+        import pyarrow.parquet  # noqa: F401
     with written_together(), ExitStack() as stack:  # the token files and meta.json land together
         # one pool for both passes: on an error its processes stop when the block unwinds
         workers = workers or available_cores()
