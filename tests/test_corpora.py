@@ -18,6 +18,7 @@ import tiktoken
 import zstandard
 
 from conftest import HOSTILE, ROOT, run_stage, stage_args, write_params
+from gptpipe import documents
 from gptpipe.corpus import tokenize_corpus
 from gptpipe.download import download
 from gptpipe.errors import PipelineError
@@ -96,6 +97,19 @@ def test_a_datasets_own_val_split(shards, tmp_path):
     n_train = meta["splits"]["train"]["documents"]
     assert read_ids(tmp_path / "tokens", "train") + read_ids(tmp_path / "tokens", "test") == by_document(train_and_test)
     assert 0 < n_train < len(train_and_test) and list(meta["splits"]) == ["train", "val", "test"]
+
+
+def test_a_parquet_file_is_read_a_few_pages_at_a_time(tmp_path):
+    """Even a file of one row group: pyarrow's defaults would hold its whole text column (with
+    pre_buffer, every row group's) while the rows are read."""
+    path = tmp_path / "one-row-group.parquet"
+    rows = [f"{i} " + "a word " * 150 for i in range(24_000)]  # 25 MB
+    pq.write_table(pa.table({"text": rows}), path, row_group_size=len(rows), compression="none", use_dictionary=False)
+    peak, rows = 0, 0
+    for rows, _ in documents.parquet_rows(path, path.name, "text"):
+        peak = max(peak, pa.total_allocated_bytes())
+    assert rows == 24_000
+    assert peak < path.stat().st_size / 3, (peak, path.stat().st_size)
 
 
 BAD_ROWS = [{"text": "fine"}, {"title": "no text field"}, {"text": None}, {"text": 42}, {"text": "also fine"}]

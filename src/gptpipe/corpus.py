@@ -25,11 +25,12 @@ import re
 import signal
 import threading
 from array import array
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack, closing, contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,9 @@ from gptpipe.documents import BadRows, RowRules, document_blocks
 from gptpipe.download import hash_local
 from gptpipe.errors import PipelineError
 from gptpipe.files import write_json, written_together
-from gptpipe.sources import CorpusFile, read_manifest
-from gptpipe.tokenizer import gpt2_encoding
-from gptpipe.tokens import TOKEN_DTYPE, token_writer
+from gptpipe.sources import CorpusFile, file_format, read_manifest
+from gptpipe.tokenizer import END_OF_TEXT, gpt2_encoding
+from gptpipe.tokens import TOKEN_DTYPE, token_ids, token_writer
 
 READ_BYTES = 1 << 20
 CHUNK_CHARS = 1 << 20
@@ -103,30 +104,51 @@ class Stream:
     val: bool
     lengths: array  # the characters of each document
     names: list[str] | None = None
-    bounds: np.ndarray | None = None
+    bounds: list[int] | None = None
     by_documents: bool = True
     has_text: bool = False  # some character that is not white space
 
     def split_at(self, position: int) -> int:
         """The index in `names` of the split holding document (or character) `position`."""
-        return int(np.searchsorted(self.bounds, position, side="right")) - 1
+        return bisect_right(self.bounds, position) - 1
 
 
-def scan(files: Sequence[tuple[CorpusFile, Path]], rules: RowRules) -> dict[bool, Stream]:
-    """One pass over the corpus: each file checked against the SHA-256 the manifest records, and
-    the characters of every document, per stream."""
+@dataclass
+class FileScan:
+    """What the scan finds in one file: its documents' characters, whether any holds text that is
+    not white space, and the rows it skipped (data.bad_rows: skip)."""
+    lengths: array
+    has_text: bool
+    skipped: int
+
+
+def scan_file(file: CorpusFile, path: Path, rules: RowRules) -> FileScan:
+    """One file checked against the SHA-256 the manifest records, and scanned."""
+    if file.sha256 and hash_local(path, file.name)[0] != file.sha256:
+        cause = "changed since" if file.local else "is not the file"
+        raise PipelineError(f"{file.name} {cause} the download stage recorded it (sha256 {file.sha256}): "
+                            f"run the download stage again (dvc repro -f download), then the pipeline")
+    rules = RowRules(rules.text_field, rules.bad_rows)  # counts this file's skipped rows
+    lengths, has_text = array("q"), False
+    for starts, text in document_blocks(path, file.name, rules):
+        if starts:
+            lengths.append(0)
+        lengths[-1] += len(text)
+        has_text = has_text or not text.isspace()
+    return FileScan(lengths, has_text, rules.skipped)
+
+
+def scan(files: Sequence[tuple[CorpusFile, Path]], rules: RowRules,
+         pool: ProcessPoolExecutor | None = None, window: int = 1) -> dict[bool, Stream]:
+    """One pass over the corpus, a file per task in `pool` (or here): each file checked, and the
+    characters of every document, per stream; the skipped rows are counted in `rules`."""
     streams = {val: Stream(val, array("q")) for val in (False, True)}
-    for file, path in files:
-        if file.sha256 and hash_local(path, file.name)[0] != file.sha256:
-            cause = "changed since" if file.local else "is not the file"
-            raise PipelineError(f"{file.name} {cause} the download stage recorded it (sha256 {file.sha256}): "
-                                f"run the download stage again (dvc repro -f download), then the pipeline")
+    tasks = ((file, (file, path, rules)) for file, path in files)
+    for file, found in in_order(pool, scan_file, tasks, window):
         stream = streams[file.split == "val"]
-        for starts, text in document_blocks(path, file.name, rules):
-            if starts:
-                stream.lengths.append(0)
-            stream.lengths[-1] += len(text)
-            stream.has_text = stream.has_text or not text.isspace()
+        stream.lengths.extend(found.lengths)
+        stream.has_text = stream.has_text or found.has_text
+        rules.skipped += found.skipped
     return streams
 
 
@@ -138,7 +160,7 @@ def plan(streams: dict[bool, Stream], train_ratio: float, test_ratio: float) -> 
             raise PipelineError(f"{key} holds no text (its files or rows are empty or white space): check {key}")
     if val.lengths:
         main.names, ratios = (["train", "test"], [1 - test_ratio]) if test_ratio > 0 else (["train"], [])
-        val.names, val.bounds, val.by_documents = ["val"], np.zeros(1, dtype=np.int64), len(val.lengths) > 1
+        val.names, val.bounds, val.by_documents = ["val"], [0], len(val.lengths) > 1
     else:
         main.names = ["train", "val", "test"] if test_ratio > 0 else ["train", "val"]
         ratios = [train_ratio, 1 - test_ratio] if test_ratio > 0 else [train_ratio]
@@ -146,12 +168,12 @@ def plan(streams: dict[bool, Stream], train_ratio: float, test_ratio: float) -> 
     n = int(lengths.sum())
     cuts = [int(ratio * n) for ratio in ratios]
     if len(lengths) == 1:
-        main.by_documents, main.bounds = False, np.array([0, *cuts], dtype=np.int64)
+        main.by_documents, main.bounds = False, [0, *cuts]
     else:
         # The first document of each split: the first to start at or after its cut.
         starts = np.cumsum(lengths) - lengths
-        main.bounds = np.array([0, *np.searchsorted(starts, cuts, side="left")], dtype=np.int64)
-        edges = [*main.bounds.tolist(), len(lengths)]
+        main.bounds = [0, *np.searchsorted(starts, cuts, side="left").tolist()]
+        edges = [*main.bounds, len(lengths)]
         for k, name in enumerate(main.names):
             if edges[k + 1] <= edges[k]:
                 share = [0.0, *ratios, 1.0]
@@ -182,7 +204,7 @@ def segments(files: Sequence[tuple[CorpusFile, Path]], streams: dict[bool, Strea
             block_start, end = offset, offset + len(text)
             while offset < end:  # the text up to the next split's first character, at a time
                 k = stream.split_at(offset)
-                stop = min(end, int(stream.bounds[k + 1])) if k + 1 < len(stream.bounds) else end
+                stop = min(end, stream.bounds[k + 1]) if k + 1 < len(stream.bounds) else end
                 yield (stream.val, k), stream.names[k], False, text[offset - block_start:stop - block_start]
                 offset = stop
 
@@ -222,31 +244,33 @@ def pieces(segments: Iterable[tuple[tuple, str, bool, str]],
         yield split, texts, ends
 
 
-def encode_texts(texts: Sequence[str], ends: Sequence[bool]) -> np.ndarray:
+def encode_texts(texts: Sequence[str], ends: Sequence[bool]) -> tuple[np.ndarray, int]:
     """The ids of `texts` in order, each encoded as ordinary text (a literal <|endoftext|> is
-    text), followed by the <|endoftext|> id where `ends` says so."""
+    text), followed by the <|endoftext|> id where `ends` says so; and the bytes the ids stand
+    for: the texts' UTF-8 and <|endoftext|>'s 13 each (tokenizer.token_byte_lengths)."""
     encoding = gpt2_encoding()
+    eot = np.array([encoding.eot_token], dtype=np.uint32)
+    to_numpy = getattr(encoding, "encode_to_numpy", None)  # tiktoken >= 0.9 builds it without a Python list
     parts = []
     for text, end in zip(texts, ends):
-        if hasattr(encoding, "encode_to_numpy"):  # tiktoken >= 0.9 builds it without a Python list
-            parts.append(encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
+        if to_numpy is not None:
+            parts.append(to_numpy(text, allowed_special=set(), disallowed_special=()))
         else:
             parts.append(np.array(encoding.encode_ordinary(text), dtype=np.uint32))
         if end:
-            parts.append(np.array([encoding.eot_token], dtype=np.uint32))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+            parts.append(eot)
+    ids = token_ids(np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32))
+    n_bytes = sum(len(text.encode("utf-8")) for text in texts) + sum(ends) * len(END_OF_TEXT.encode())
+    return ids, n_bytes
 
 
-def encode_pieces(work: Iterable[tuple[str, list[str], list[bool]]],
-                  workers: int) -> Iterator[tuple[str, list[str], list[bool], np.ndarray]]:
-    """(split, texts, ends, ids) for each piece of `work` (see pieces), in order, encoded by
-    encode_texts in `workers` processes. Unlike tiktoken's encode_batch, which takes every text at
-    once, at most 2 × workers pieces are in flight. Processes, not threads: on 2 cores, threads
-    reached 1.5× one thread's speed and processes 1.8-2.2× (tiktoken keeps the GIL for part of
-    each call)."""
+@contextmanager
+def encoding_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """`workers` processes for the scan and the encoding, or None for 1 (all in this process).
+    Processes, not threads: on 2 cores, threads reached 1.5x one thread's speed and processes
+    1.8-2.2x (tiktoken keeps the GIL for part of each call)."""
     if workers == 1:
-        for split, texts, ends in work:
-            yield split, texts, ends, encode_texts(texts, ends)
+        yield None
         return
     gpt2_encoding()  # loaded once here: forked workers inherit it
     pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_signals)
@@ -255,19 +279,31 @@ def encode_pieces(work: Iterable[tuple[str, list[str], list[bool]]],
         # hooks would be printed and lost there ("Exception ignored"): hold signals until done.
         with signals_held(), suppress(BrokenProcessPool):
             pool.submit(int)
-        in_flight: deque = deque()
-        for split, texts, ends in work:
-            in_flight.append((split, texts, ends, pool.submit(encode_texts, texts, ends)))
-            if len(in_flight) >= 2 * workers:
-                *done, ids = in_flight.popleft()
-                yield *done, ids.result()
-        for *done, ids in in_flight:
-            yield *done, ids.result()
+        yield pool
     except BrokenProcessPool as e:
         raise PipelineError("an encoding process of the tokenize stage ended abruptly (killed, or out of "
                             "memory?): run the stage again, with fewer --workers if memory is short") from e
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # also on Ctrl-C or SIGTERM: no process outlives the stage
+
+
+def in_order(pool: ProcessPoolExecutor | None, function: Callable[..., Any], tasks: Iterable[tuple[Any, tuple]],
+             window: int) -> Iterator[tuple[Any, Any]]:
+    """(label, function(*args)) for each (label, args) of `tasks`, in order, computed in `pool`
+    with at most `window` tasks in flight, or here when `pool` is None. (Unlike tiktoken's
+    encode_batch, which takes every text at once: the memory held does not grow with the corpus.)"""
+    if pool is None:
+        for label, args in tasks:
+            yield label, function(*args)
+        return
+    in_flight: deque = deque()
+    for label, args in tasks:
+        in_flight.append((label, pool.submit(function, *args)))
+        if len(in_flight) >= window:
+            label, result = in_flight.popleft()
+            yield label, result.result()
+    for label, result in in_flight:
+        yield label, result.result()
 
 
 @contextmanager
@@ -307,33 +343,35 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
     corpus, out_dir = Path(corpus), Path(out_dir)
     files = corpus_files(corpus)
     rules = RowRules(text_field, bad_rows)
-    streams = scan(files, rules)
-    names = plan(streams, train_ratio, test_ratio)
     encoding = gpt2_encoding()
-    counts = {name: {"documents": 0, "characters": 0, "bytes": 0} for name in names}
-    for stream in streams.values():
-        if not stream.lengths:
-            continue
-        lengths = np.frombuffer(stream.lengths, dtype=np.int64)
-        edges = [*stream.bounds.tolist(), len(lengths) if stream.by_documents else int(lengths.sum())]
-        for k, name in enumerate(stream.names):
-            counts[name]["documents"] = edges[k + 1] - edges[k] if stream.by_documents else 1
-            counts[name]["characters"] = int(lengths[edges[k]:edges[k + 1]].sum()) if stream.by_documents \
-                else edges[k + 1] - edges[k]
-    total_bytes = sum(file.bytes for file, _ in files)
+    if any(file_format(file.name)[0] == "parquet" for file, _ in files):
+        # before the encoding processes fork, which then share its modules (imported in each, ~30 MB apiece)
+        import pyarrow.parquet  # noqa: F401
     with written_together(), ExitStack() as stack:  # the token files and meta.json land together
+        # one pool for both passes: on an error its processes stop when the block unwinds
+        workers = workers or available_cores()
+        pool = stack.enter_context(encoding_pool(workers))
+        streams = scan(files, rules, pool, window=2 * workers)
+        names = plan(streams, train_ratio, test_ratio)
+        counts = {name: {"documents": 0, "characters": 0, "bytes": 0} for name in names}
+        for stream in streams.values():
+            if not stream.lengths:
+                continue
+            lengths = np.frombuffer(stream.lengths, dtype=np.int64)
+            edges = [*stream.bounds, len(lengths) if stream.by_documents else int(lengths.sum())]
+            for k, name in enumerate(stream.names):
+                counts[name]["documents"] = edges[k + 1] - edges[k] if stream.by_documents else 1
+                counts[name]["characters"] = int(lengths[edges[k]:edges[k + 1]].sum()) if stream.by_documents \
+                    else edges[k + 1] - edges[k]
         writers = {name: stack.enter_context(token_writer(out_dir / f"{name}.bin")) for name in names}
         bar = stack.enter_context(tqdm(total=sum(c["characters"] for c in counts.values()), unit="char",
                                        unit_scale=True, desc="tokenize", leave=False))
-        work = pieces(segments(files, streams, RowRules(text_field, bad_rows)), chunk_chars)
-        # closing: on an error the encoding processes stop now, not when the generator is collected
-        encoded = stack.enter_context(closing(encode_pieces(work, workers or available_cores())))
-        for name, texts, ends, ids in encoded:
-            writers[name].write(ids)
-            # the bytes the ids stand for: the text's, and <|endoftext|>'s 13 (tokenizer.token_byte_lengths)
-            counts[name]["bytes"] += sum(len(t.encode("utf-8")) for t in texts) + \
-                sum(ends) * len(encoding.decode_single_token_bytes(encoding.eot_token))
-            bar.update(sum(len(t) for t in texts))
+        work = (((split, sum(map(len, texts))), (texts, ends)) for split, texts, ends in
+                pieces(segments(files, streams, RowRules(text_field, bad_rows)), chunk_chars))
+        for (split, characters), (ids, n_bytes) in in_order(pool, encode_texts, work, 2 * workers):
+            writers[split].write(ids)
+            counts[split]["bytes"] += n_bytes
+            bar.update(characters)
         meta = {
             "tokenizer": "gpt2",
             "vocab_size": encoding.n_vocab,
@@ -344,7 +382,7 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
             "documents": sum(len(s.lengths) for s in streams.values()),
             "skipped_rows": rules.skipped,
             "characters": sum(c["characters"] for c in counts.values()),
-            "bytes": total_bytes,
+            "bytes": sum(file.bytes for file, _ in files),
             "sources": [{"name": file.name, "sha256": file.sha256, "bytes": file.bytes} for file, _ in files],
             "splits": {name: {"file": f"{name}.bin", **counts[name], "tokens": writers[name].count}
                        for name in names},

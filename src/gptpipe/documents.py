@@ -3,7 +3,7 @@ Parquet or JSON-lines file is one, its text in the field data.text_field names. 
 begins and ends comes from the file's structure, never from what its text says: a literal
 <|endoftext|> in a document is text.
 
-Parquet is read row group by row group (pyarrow), JSON lines line by line, text in blocks, so
+Parquet is read a few pages at a time (pyarrow), JSON lines line by line, text in blocks, so
 no file is ever held whole. gzip and zstd (.gz, .zst) are decompressed as they are read.
 """
 
@@ -142,7 +142,10 @@ def parquet_rows(path: Path, name: str, field: str) -> Iterator[tuple[int, Any]]
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        # Not pyarrow's defaults, which read each row group's column whole (buffer_size 0) and,
+        # with pre_buffer, every row group of the file at once (memory as large as the file's
+        # text): pages are read through a READ_BYTES buffer, a row group at a time.
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BYTES)
     except (pa.ArrowException, OSError) as e:
         raise PipelineError(f"{name} is not a readable Parquet file ({e}); it may be truncated: download it "
                             f"again") from e
@@ -157,7 +160,7 @@ def parquet_rows(path: Path, name: str, field: str) -> Iterator[tuple[int, Any]]
                                 f"column that holds the text")
         row = 0
         try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field], use_threads=False):
                 for value in batch.column(0).to_pylist():
                     row += 1
                     yield row, value

@@ -31,11 +31,19 @@ class TokenWriter:
         self.count = 0
 
     def write(self, ids: Sequence[int] | np.ndarray) -> None:
-        array = np.asarray(ids)
-        if array.size and int(array.max()) > np.iinfo(TOKEN_DTYPE).max:
-            raise PipelineError(f"token id {int(array.max())} does not fit in {np.dtype(TOKEN_DTYPE).name}")
-        self.file.write(array.astype(TOKEN_DTYPE).tobytes())
+        array = token_ids(ids)
+        self.file.write(array.tobytes())
         self.count += int(array.size)
+
+
+def token_ids(ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """`ids` as an array of TOKEN_DTYPE; an id that does not fit is an error."""
+    array = np.asarray(ids)
+    if array.dtype == TOKEN_DTYPE:
+        return array
+    if array.size and int(array.max()) > np.iinfo(TOKEN_DTYPE).max:
+        raise PipelineError(f"token id {int(array.max())} does not fit in {np.dtype(TOKEN_DTYPE).name}")
+    return array.astype(TOKEN_DTYPE)
 
 
 @contextmanager
