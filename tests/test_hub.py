@@ -2,75 +2,28 @@
 huggingface_hub against a stand-in hub on localhost (HF_ENDPOINT), with its one-line errors.
 Nothing leaves the machine."""
 
-import hashlib
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 from gptpipe.hub import GPT2_SIZES, HubCheckpoint, parse_hub_id
+from standin_hub import COMMIT, Repos, standin_hub
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # repo: the files it serves at main and at COMMIT
 REPOS = {"test-org/tiny-gpt2": {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"weights" * 1000},
          "test-org/bin-only": {"config.json": b'{"model_type": "gpt2"}', "pytorch_model.bin": b"pickle"}}
 GATED = "test-org/gated"
 
 
-class StandInHub(BaseHTTPRequestHandler):
-    """Answers GET and HEAD /{repo}/resolve/{revision}/{file} as the Hub does: the commit in
-    X-Repo-Commit, the content hash as ETag; a failure's kind in X-Error-Code."""
-
-    def do_HEAD(self) -> None:
-        self.answer(send_body=False)
-
-    def do_GET(self) -> None:
-        self.answer(send_body=True)
-
-    def answer(self, send_body: bool) -> None:
-        repo, _, rest = self.path.lstrip("/").partition("/resolve/")
-        revision, _, name = rest.partition("/")
-        if repo == GATED:
-            return self.fail(401, "GatedRepo")
-        if repo not in REPOS:
-            return self.fail(404, "RepoNotFound")
-        if revision not in ("main", COMMIT):
-            return self.fail(404, "RevisionNotFound")
-        if name not in REPOS[repo]:
-            return self.fail(404, "EntryNotFound")
-        body = REPOS[repo][name]
-        self.send_response(200)
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def fail(self, status: int, code: str) -> None:
-        self.send_response(status)
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("X-Error-Code", code)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def hub_endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StandInHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with standin_hub(Repos({f"models/{repo}": files for repo, files in REPOS.items()},
+                           gated={f"models/{GATED}"})) as endpoint:
+        yield endpoint
 
 
 DOWNLOAD = """
