@@ -17,8 +17,8 @@ import pytest
 import tiktoken
 import zstandard
 
-from conftest import HOSTILE, ROOT, run_stage, stage_args, write_params
-from gptpipe import documents
+from conftest import HOSTILE, run_stage, stage_args, stage_command, write_params
+from gptpipe import corpus, documents
 from gptpipe.corpus import tokenize_corpus
 from gptpipe.download import download
 from gptpipe.errors import PipelineError
@@ -106,8 +106,9 @@ def test_a_parquet_file_is_read_a_few_pages_at_a_time(tmp_path):
     rows = [f"{i} " + "a word " * 150 for i in range(24_000)]  # 25 MB
     pq.write_table(pa.table({"text": rows}), path, row_group_size=len(rows), compression="none", use_dictionary=False)
     peak, rows = 0, 0
-    for rows, _ in documents.parquet_rows(path, path.name, "text"):
+    for _, texts in documents.parquet_documents(path, path.name, documents.RowRules()):
         peak = max(peak, pa.total_allocated_bytes())
+        rows += len(texts)
     assert rows == 24_000
     assert peak < path.stat().st_size / 3, (peak, path.stat().st_size)
 
@@ -131,6 +132,33 @@ def test_rows_without_text_stop_the_stage_naming_file_and_row_or_are_skipped_and
     assert read_ids(tmp_path / "t", "train") + read_ids(tmp_path / "t", "val") == by_document(["fine", "also fine"])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_row_groups_read_by_the_encoding_processes_give_the_ids_of_rows_read_here(tmp_path, monkeypatch, workers):
+    """The row groups of Parquet files are read by the encoding processes, a few per task, the
+    documents of other files by the stage's process: the ids and meta.json are those of every
+    file read by the stage's process, with rows skipped inside row groups and splits that begin
+    inside one."""
+    rows = [None if i % 7 == 3 else "" if i % 11 == 5 else doc for i, doc in enumerate(stories(40, 5))]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.parquet").write_bytes(parquet_bytes(rows[:25], row_group_size=4))
+    (tmp_path / "src/b.jsonl").write_bytes(jsonl_bytes(rows[25:30]))
+    (tmp_path / "src/c.parquet").write_bytes(parquet_bytes(rows[30:], row_group_size=3))
+    download(str(tmp_path / "src"), tmp_path / "raw")
+    for where, limit in (("workers", corpus.MAX_ROW_GROUP_CHARS), ("here", 0)):
+        monkeypatch.setattr(corpus, "MAX_ROW_GROUP_CHARS", limit)
+        tokenize_corpus(tmp_path / "raw", tmp_path / where, 0.5, 0.2, bad_rows="skip", workers=workers, chunk_chars=200)
+    for name in ("train.bin", "val.bin", "test.bin", "meta.json"):
+        assert (tmp_path / "workers" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
+    meta = json.loads((tmp_path / "here/meta.json").read_text())
+    counts = [meta["splits"][split]["documents"] for split in ("train", "val", "test")]
+    kept = [row for row in rows if row]
+    assert meta["skipped_rows"] == rows.count(None) and sum(counts) == len(kept)
+    assert [i for split in ("train", "val", "test") for i in read_ids(tmp_path / "here", split)] == by_document(kept)
+    # val begins at row 21 (counting from 0) of a.parquet, inside its row group of rows 20-23; test
+    # at row 4 of c.parquet (row 34 of all), inside its row group of rows 3-5
+    assert counts == [16, 10, 5]
+
+
 def test_the_text_field_is_a_param(tmp_path):
     path = tmp_path / "rows.parquet"
     path.write_bytes(parquet_bytes(["one story", "another story"], field="story"))
@@ -151,10 +179,10 @@ def hub_repos(shards: Path) -> Repos:
 
 def run_download(params: Path, out: Path, hf_home: Path, **env: str) -> subprocess.CompletedProcess:
     """The download stage as a process: huggingface_hub reads HF_* when imported."""
+    command = stage_command("download", params, "--out", str(out))
     environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "HUGGING_FACE_HUB_TOKEN"}
     environment |= {"HF_HOME": str(hf_home), "NO_PROXY": "127.0.0.1", **env}
-    return subprocess.run([sys.executable, str(ROOT / "stages/download.py"), "--params", str(params), "--out", str(out)],
-                          capture_output=True, text=True, env=environment, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120)
 
 
 @pytest.fixture

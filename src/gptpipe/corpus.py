@@ -18,6 +18,12 @@ With several documents, each is encode_ordinary(document) followed by <|endoftex
 lays out its corpora: a literal <|endoftext|> in a document is text, never a boundary. Text is
 encoded in chunks cut only where GPT-2's pre-tokenizer cannot join across the cut (SAFE_CUT),
 so chunking never changes an id.
+
+Two passes, both in the encoding processes: the scan (each file checked and its documents'
+lengths counted, a file per task), then the encoding. The documents of a Parquet file of several
+documents are read by the encoding process that encodes them, a few row groups per task; those
+of any other file are read by the stage's process and handed over in chunks. The stage's
+process writes the ids in order.
 """
 
 import os
@@ -32,13 +38,14 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from gptpipe.documents import BadRows, RowRules, document_blocks
+from gptpipe.documents import BadRows, RowRules, document_blocks, parquet_documents
 from gptpipe.download import hash_local
 from gptpipe.errors import PipelineError
 from gptpipe.files import write_json, written_together
@@ -46,8 +53,10 @@ from gptpipe.sources import CorpusFile, file_format, read_manifest
 from gptpipe.tokenizer import END_OF_TEXT, gpt2_encoding
 from gptpipe.tokens import TOKEN_DTYPE, token_ids, token_writer
 
-READ_BYTES = 1 << 20
 CHUNK_CHARS = 1 << 20
+# An encoding process that reads row groups holds a task's text and ids whole: a Parquet file
+# with a row group larger (in characters) is read by the stage's process, in pieces.
+MAX_ROW_GROUP_CHARS = 1 << 23
 
 # Where a chunk may end. GPT-2's pre-tokenizer pattern (tiktoken's, for "gpt2"):
 #   '(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s
@@ -112,14 +121,25 @@ class Stream:
         """The index in `names` of the split holding document (or character) `position`."""
         return bisect_right(self.bounds, position) - 1
 
+    def parts(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """(split index, start, stop) for the parts of the documents (or characters) from `start`
+        to `end` that lie in one split each, in order."""
+        while start < end:
+            k = self.split_at(start)
+            stop = min(end, self.bounds[k + 1]) if k + 1 < len(self.bounds) else end
+            yield k, start, stop
+            start = stop
+
 
 @dataclass
 class FileScan:
     """What the scan finds in one file: its documents' characters, whether any holds text that is
-    not white space, and the rows it skipped (data.bad_rows: skip)."""
+    not white space, the rows it skipped (data.bad_rows: skip), and in a Parquet file, for each
+    row group that holds documents, how many and their characters."""
     lengths: array
     has_text: bool
     skipped: int
+    row_groups: dict[int, tuple[int, int]] | None = None
 
 
 def scan_file(file: CorpusFile, path: Path, rules: RowRules) -> FileScan:
@@ -130,6 +150,16 @@ def scan_file(file: CorpusFile, path: Path, rules: RowRules) -> FileScan:
                             f"run the download stage again (dvc repro -f download), then the pipeline")
     rules = RowRules(rules.text_field, rules.bad_rows)  # counts this file's skipped rows
     lengths, has_text = array("q"), False
+    if file_format(file.name)[0] == "parquet":
+        row_groups: dict[int, tuple[int, int]] = {}
+        for group, texts in parquet_documents(path, file.name, rules):
+            if texts:
+                sizes = [len(text) for text in texts]
+                lengths.extend(sizes)
+                has_text = has_text or not all(map(str.isspace, texts))
+                documents, characters = row_groups.get(group, (0, 0))
+                row_groups[group] = (documents + len(sizes), characters + sum(sizes))
+        return FileScan(lengths, has_text, rules.skipped, row_groups)
     for starts, text in document_blocks(path, file.name, rules):
         if starts:
             lengths.append(0)
@@ -138,18 +168,29 @@ def scan_file(file: CorpusFile, path: Path, rules: RowRules) -> FileScan:
     return FileScan(lengths, has_text, rules.skipped)
 
 
-def scan(files: Sequence[tuple[CorpusFile, Path]], rules: RowRules,
-         pool: ProcessPoolExecutor | None = None, window: int = 1) -> dict[bool, Stream]:
-    """One pass over the corpus, a file per task in `pool` (or here): each file checked, and the
-    characters of every document, per stream; the skipped rows are counted in `rules`."""
+@dataclass
+class FileDocuments:
+    """Where a file's documents are: the index of its first in its stream, and in a Parquet file
+    its row groups that hold documents (FileScan.row_groups)."""
+    first: int
+    row_groups: dict[int, tuple[int, int]] | None
+
+
+def scan(files: Sequence[tuple[CorpusFile, Path]], rules: RowRules, pool: ProcessPoolExecutor | None = None,
+         window: int = 1) -> tuple[dict[bool, Stream], list[FileDocuments]]:
+    """One pass over the corpus, a file per task in `pool` (or here): each file checked, the
+    characters of every document, per stream, and each file's documents; the skipped rows are
+    counted in `rules`."""
     streams = {val: Stream(val, array("q")) for val in (False, True)}
-    tasks = ((file, (file, path, rules)) for file, path in files)
-    for file, found in in_order(pool, scan_file, tasks, window):
+    tasks = ((scan_file, (file, path, rules)) for file, path in files)
+    held = []
+    for (file, _), found in zip(files, in_order(pool, tasks, window)):
         stream = streams[file.split == "val"]
+        held.append(FileDocuments(len(stream.lengths), found.row_groups))
         stream.lengths.extend(found.lengths)
         stream.has_text = stream.has_text or found.has_text
         rules.skipped += found.skipped
-    return streams
+    return streams, held
 
 
 def plan(streams: dict[bool, Stream], train_ratio: float, test_ratio: float) -> list[str]:
@@ -185,28 +226,22 @@ def plan(streams: dict[bool, Stream], train_ratio: float, test_ratio: float) -> 
     return [*main.names[:1], *(["val"] if val.lengths else []), *main.names[1:]]
 
 
-def segments(files: Sequence[tuple[CorpusFile, Path]], streams: dict[bool, Stream],
+def segments(file: CorpusFile, path: Path, stream: Stream, first: int,
              rules: RowRules) -> Iterator[tuple[tuple, str, bool, str]]:
-    """(segment, split name, whether it ends with <|endoftext|>, text) in corpus order. A segment
-    is the text encoded as one: a document, or the part of a one-document stream in one split."""
-    document = {False: -1, True: -1}
-    offset = 0  # characters into the current document
-    for file, path in files:
-        stream = streams[file.split == "val"]
-        for starts, text in document_blocks(path, file.name, rules):
-            if starts:
-                document[stream.val] += 1
-                offset = 0
-            if stream.by_documents:
-                k = stream.split_at(document[stream.val])
-                yield (stream.val, document[stream.val]), stream.names[k], True, text
-                continue
-            block_start, end = offset, offset + len(text)
-            while offset < end:  # the text up to the next split's first character, at a time
-                k = stream.split_at(offset)
-                stop = min(end, stream.bounds[k + 1]) if k + 1 < len(stream.bounds) else end
-                yield (stream.val, k), stream.names[k], False, text[offset - block_start:stop - block_start]
-                offset = stop
+    """(segment, split name, whether it ends with <|endoftext|>, text) for a file whose first
+    document is document `first` of `stream`, in order. A segment is the text encoded as one: a
+    document, or the part of a one-document stream in one split."""
+    document, offset = first - 1, 0  # offset: characters into the current document
+    for starts, text in document_blocks(path, file.name, rules):
+        if starts:
+            document += 1
+            offset = 0
+        if stream.by_documents:
+            yield (stream.val, document), stream.names[stream.split_at(document)], True, text
+            continue
+        for k, start, stop in stream.parts(offset, offset + len(text)):  # the text in each split
+            yield (stream.val, k), stream.names[k], False, text[start - offset:stop - offset]
+        offset += len(text)
 
 
 def pieces(segments: Iterable[tuple[tuple, str, bool, str]],
@@ -264,6 +299,71 @@ def encode_texts(texts: Sequence[str], ends: Sequence[bool]) -> tuple[np.ndarray
     return ids, n_bytes
 
 
+Encoded = list[tuple[str, np.ndarray, int, int]]  # (split, its ids, the bytes they stand for, characters)
+
+
+def encode_piece(split: str, texts: Sequence[str], ends: Sequence[bool]) -> Encoded:
+    """A piece of pieces(), encoded."""
+    return [(split, *encode_texts(texts, ends), sum(map(len, texts)))]
+
+
+def encode_row_groups(path: Path, name: str, rules: RowRules, row_groups: list[int],
+                      splits: list[tuple[str, int]]) -> Encoded:
+    """The documents of `row_groups` of a Parquet file, read here, each encoded and followed by
+    <|endoftext|> (encode_texts): `splits` names the split of each, in order, as (split, how many
+    documents go to it)."""
+    texts = (text for _, batch in parquet_documents(path, name, rules, row_groups) for text in batch)
+    encoded = []
+    for split, count in splits:
+        documents = list(islice(texts, count))
+        encoded.append((split, *encode_texts(documents, [True] * count), sum(map(len, documents))))
+    return encoded
+
+
+def row_group_tasks(row_groups: dict[int, tuple[int, int]], chunk_chars: int) -> Iterator[list[int]]:
+    """Consecutive row groups (FileScan.row_groups) of at least `chunk_chars` characters, or the file's last."""
+    task, characters = [], 0
+    for group, (_, group_characters) in row_groups.items():
+        task.append(group)
+        characters += group_characters
+        if characters >= chunk_chars:
+            yield task
+            task, characters = [], 0
+    if task:
+        yield task
+
+
+def encoding_tasks(files: Sequence[tuple[CorpusFile, Path]], held: Sequence[FileDocuments],
+                   streams: dict[bool, Stream], rules: RowRules,
+                   chunk_chars: int) -> Iterator[tuple[Callable[..., Encoded], tuple]]:
+    """The encoding work, in corpus order, as in_order's tasks. A Parquet file of a stream of
+    several documents is read by the encoding processes, a few row groups per task, and this
+    process only writes the ids they hand back; any other file is read here and handed over in
+    pieces (so is a Parquet file with a row group over MAX_ROW_GROUP_CHARS characters)."""
+    here: list[tuple[CorpusFile, Path, FileDocuments]] = []  # files to read here, in order
+
+    def pieces_here() -> Iterator[tuple[Callable[..., Encoded], tuple]]:
+        blocks = chain.from_iterable(segments(file, path, streams[file.split == "val"], documents.first, rules)
+                                     for file, path, documents in here)
+        for piece in pieces(blocks, chunk_chars):
+            yield encode_piece, piece
+        here.clear()
+
+    for (file, path), documents in zip(files, held):
+        stream, groups = streams[file.split == "val"], documents.row_groups
+        if not (stream.by_documents and groups and max(c for _, c in groups.values()) <= MAX_ROW_GROUP_CHARS):
+            here.append((file, path, documents))
+            continue
+        yield from pieces_here()
+        first = documents.first
+        for task in row_group_tasks(groups, chunk_chars):
+            count = sum(groups[group][0] for group in task)
+            splits = [(stream.names[k], stop - start) for k, start, stop in stream.parts(first, first + count)]
+            yield encode_row_groups, (path, file.name, rules, task, splits)
+            first += count
+    yield from pieces_here()
+
+
 @contextmanager
 def encoding_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     """`workers` processes for the scan and the encoding, or None for 1 (all in this process).
@@ -287,23 +387,22 @@ def encoding_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(wait=True, cancel_futures=True)  # also on Ctrl-C or SIGTERM: no process outlives the stage
 
 
-def in_order(pool: ProcessPoolExecutor | None, function: Callable[..., Any], tasks: Iterable[tuple[Any, tuple]],
-             window: int) -> Iterator[tuple[Any, Any]]:
-    """(label, function(*args)) for each (label, args) of `tasks`, in order, computed in `pool`
-    with at most `window` tasks in flight, or here when `pool` is None. (Unlike tiktoken's
-    encode_batch, which takes every text at once: the memory held does not grow with the corpus.)"""
+def in_order(pool: ProcessPoolExecutor | None, tasks: Iterable[tuple[Callable[..., Any], tuple]],
+             window: int) -> Iterator[Any]:
+    """function(*args) for each (function, args) of `tasks`, in order, computed in `pool` with at
+    most `window` tasks in flight, or here when `pool` is None. (Unlike tiktoken's encode_batch,
+    which takes every text at once: the memory held does not grow with the corpus.)"""
     if pool is None:
-        for label, args in tasks:
-            yield label, function(*args)
+        for function, args in tasks:
+            yield function(*args)
         return
     in_flight: deque = deque()
-    for label, args in tasks:
-        in_flight.append((label, pool.submit(function, *args)))
+    for function, args in tasks:
+        in_flight.append(pool.submit(function, *args))
         if len(in_flight) >= window:
-            label, result = in_flight.popleft()
-            yield label, result.result()
-    for label, result in in_flight:
-        yield label, result.result()
+            yield in_flight.popleft().result()
+    for result in in_flight:
+        yield result.result()
 
 
 @contextmanager
@@ -351,7 +450,7 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
         # one pool for both passes: on an error its processes stop when the block unwinds
         workers = workers or available_cores()
         pool = stack.enter_context(encoding_pool(workers))
-        streams = scan(files, rules, pool, window=2 * workers)
+        streams, held = scan(files, rules, pool, window=2 * workers)
         names = plan(streams, train_ratio, test_ratio)
         counts = {name: {"documents": 0, "characters": 0, "bytes": 0} for name in names}
         for stream in streams.values():
@@ -366,12 +465,12 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
         writers = {name: stack.enter_context(token_writer(out_dir / f"{name}.bin")) for name in names}
         bar = stack.enter_context(tqdm(total=sum(c["characters"] for c in counts.values()), unit="char",
                                        unit_scale=True, desc="tokenize", leave=False))
-        work = (((split, sum(map(len, texts))), (texts, ends)) for split, texts, ends in
-                pieces(segments(files, streams, RowRules(text_field, bad_rows)), chunk_chars))
-        for (split, characters), (ids, n_bytes) in in_order(pool, encode_texts, work, 2 * workers):
-            writers[split].write(ids)
-            counts[split]["bytes"] += n_bytes
-            bar.update(characters)
+        tasks = encoding_tasks(files, held, streams, RowRules(text_field, bad_rows), chunk_chars)
+        for encoded in in_order(pool, tasks, 2 * workers):
+            for split, ids, n_bytes, characters in encoded:
+                writers[split].write(ids)
+                counts[split]["bytes"] += n_bytes
+                bar.update(characters)
         meta = {
             "tokenizer": "gpt2",
             "vocab_size": encoding.n_vocab,

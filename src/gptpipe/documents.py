@@ -12,7 +12,8 @@ import gzip
 import io
 import json
 import zlib
-from collections.abc import Iterator
+from itertools import accumulate
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +56,8 @@ def document_blocks(path: Path, name: str, rules: RowRules) -> Iterator[tuple[bo
     file), never empty ones; an empty document (an empty file, an empty row) is left out."""
     kind, compression = file_format(name)
     if kind == "parquet":
-        for row, value in parquet_rows(path, name, rules.text_field):
-            text = rules.text_of(value, name, row)
-            if text:
+        for _, texts in parquet_documents(path, name, rules):
+            for text in texts:
                 yield True, text
         return
     with opened(path, name, compression) as stream:
@@ -136,8 +136,11 @@ def jsonl_rows(stream: BinaryIO, name: str, field: str) -> Iterator[tuple[int, A
         yield row, record.get(field, MISSING)
 
 
-def parquet_rows(path: Path, name: str, field: str) -> Iterator[tuple[int, Any]]:
-    """(row number, the value of `field`) for each row of a Parquet file, a batch of rows at a time."""
+def parquet_documents(path: Path, name: str, rules: RowRules,
+                      row_groups: Iterable[int] | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(row group, its documents in a batch of its rows) for the rows of a Parquet file, a batch
+    at a time, in the `row_groups` given (default: all, in order). A row without text is as
+    `rules` say; an empty document is left out."""
     import pyarrow as pa  # only for Parquet files
     import pyarrow.parquet as pq
 
@@ -149,6 +152,7 @@ def parquet_rows(path: Path, name: str, field: str) -> Iterator[tuple[int, Any]]
     except (pa.ArrowException, OSError) as e:
         raise PipelineError(f"{name} is not a readable Parquet file ({e}); it may be truncated: download it "
                             f"again") from e
+    field = rules.text_field
     with parquet:
         schema = parquet.schema_arrow
         if field not in schema.names:
@@ -158,11 +162,18 @@ def parquet_rows(path: Path, name: str, field: str) -> Iterator[tuple[int, Any]]
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
             raise PipelineError(f"{name}: column {field!r} holds {kind}, not text: set data.text_field to the "
                                 f"column that holds the text")
-        row = 0
-        try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field], use_threads=False):
-                for value in batch.column(0).to_pylist():
-                    row += 1
-                    yield row, value
-        except (pa.ArrowException, OSError) as e:
-            raise PipelineError(f"{name} is damaged after row {row} ({e}): download it again") from e
+        sizes = [parquet.metadata.row_group(group).num_rows for group in range(parquet.num_row_groups)]
+        first_rows = list(accumulate(sizes, initial=0))
+        for group in range(len(sizes)) if row_groups is None else row_groups:
+            row = first_rows[group]  # rows before this one in the file
+            try:
+                for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[field],
+                                                  use_threads=False):
+                    texts = []
+                    for value in batch.column(0).to_pylist():
+                        row += 1
+                        if text := rules.text_of(value, name, row):
+                            texts.append(text)
+                    yield group, texts
+            except (pa.ArrowException, OSError) as e:
+                raise PipelineError(f"{name} is damaged after row {row} ({e}): download it again") from e
