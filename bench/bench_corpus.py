@@ -13,8 +13,8 @@ taking turns `--repeats` times:
 
 - ours: the stages as the user runs them, dvc.yaml's commands as processes, with HF_ENDPOINT
   at the stand-in and HF_HOME a fresh, empty cache: `download` (huggingface_hub fetches the
-  shards into its cache, the stage hashes them and writes the manifest), then `tokenize`
-  (one scan pass, then encoding on every core);
+  shards into its cache, the stage records the SHA-256 the Hub gives for each and writes the
+  manifest), then `tokenize` (one scan pass, then encoding on every core);
 - the baseline: one process that reads the same shards with pyarrow, a batch of 1,024 rows at
   a time as the stage reads them, and encodes each document with tiktoken's `encode_ordinary`
   on one thread, appending <|endoftext|> and writing uint16 ids (nanoGPT's prepare, without its
@@ -304,10 +304,13 @@ def ids_per_text_byte(path: Path) -> float:
 # One size.
 
 def bench_size(size_mb: float, args, endpoint: str, repos) -> dict:
+    from standin_hub import etag_of
     dataset = args.work / f"synthetic-{size_mb:g}MB-{args.shards}shards-seed{args.seed}"
     info = make_dataset(dataset, size_mb, args.shards, args.seed)
     repo = f"bench/synthetic-{size_mb:g}MB"
     repos.files[f"datasets/{repo}"] = {name: dataset / name for name in info["files"]}
+    for name in info["files"]:  # the SHA-256 the Hub gives for each (Git LFS) file, computed before the runs
+        etag_of(name, dataset / name)
     run_dir = args.work / f"run-{size_mb:g}MB"
     project = scratch_project(run_dir / "project", project_url(repo))
     hf_home, logs = run_dir / "hf", run_dir / "logs"

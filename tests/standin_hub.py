@@ -1,8 +1,10 @@
 """A stand-in for the Hugging Face Hub on localhost, for huggingface_hub pointed at it with
 HF_ENDPOINT: the API calls and file downloads it makes for models and datasets, answered as the
-Hub answers them (the commit in X-Repo-Commit, the content hash as ETag, a failure's kind in
-X-Error-Code). Used by the tests and by bench/bench_corpus.py; nothing leaves the machine."""
+Hub answers them (the commit in X-Repo-Commit; a Git LFS file's SHA-256 in X-Linked-Etag, a git
+file's blob hash as ETag; a failure's kind in X-Error-Code). Used by the tests and by
+bench/bench_corpus.py; nothing leaves the machine."""
 
+import functools
 import hashlib
 import json
 import threading
@@ -15,6 +17,9 @@ from urllib.parse import unquote, urlparse
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHUNK = 1 << 20
+# What the Hub keeps in Git LFS: what a repository's default .gitattributes sends there (among
+# them these types) and files too large for git (the large files served from disk here).
+LFS_SUFFIXES = (".parquet", ".gz", ".zst", ".safetensors", ".bin")
 
 
 @dataclass
@@ -30,10 +35,27 @@ def size_of(body: bytes | Path) -> int:
     return body.stat().st_size if isinstance(body, Path) else len(body)
 
 
-def etag_of(body: bytes | Path) -> str:
-    if isinstance(body, Path):  # large served files: their path and size stand in for a hash
-        return hashlib.sha256(f"{body}:{body.stat().st_size}".encode()).hexdigest()
-    return hashlib.sha256(body).hexdigest()
+def is_lfs(name: str, body: bytes | Path) -> bool:
+    return isinstance(body, Path) or name.endswith(LFS_SUFFIXES)
+
+
+def etag_of(name: str, body: bytes | Path) -> str:
+    """As the Hub names a file: a Git LFS file by its SHA-256, a file in git by its git blob hash."""
+    if isinstance(body, Path):
+        return file_sha256(body, body.stat().st_size, body.stat().st_mtime_ns)
+    if is_lfs(name, body):
+        return hashlib.sha256(body).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()
+
+
+@functools.cache
+def file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """The SHA-256 of a served file, computed once per version of it (its size and mtime)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def handler_for(repos: Repos) -> type[BaseHTTPRequestHandler]:
@@ -60,9 +82,13 @@ def handler_for(repos: Repos) -> type[BaseHTTPRequestHandler]:
             if name not in files:
                 return self.fail(404, "EntryNotFound")
             body = files[name]
+            etag = etag_of(name, body)
             self.send_response(200)
             self.send_header("X-Repo-Commit", COMMIT)
-            self.send_header("ETag", f'"{etag_of(body)}"')
+            self.send_header("ETag", f'"{etag}"')
+            if is_lfs(name, body):  # what huggingface_hub names the blob by, before ETag
+                self.send_header("X-Linked-Etag", f'"{etag}"')
+                self.send_header("X-Linked-Size", str(size_of(body)))
             self.send_header("Content-Length", str(size_of(body)))
             self.end_headers()
             if send_body:

@@ -3,6 +3,7 @@ literal <|endoftext|> in one is text), a dataset's own val split, rows without t
 datasets by name from a stand-in Hugging Face Hub on localhost, online and from the cache."""
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -179,7 +180,10 @@ def hub_repos(shards: Path) -> Repos:
 
 def run_download(params: Path, out: Path, hf_home: Path, **env: str) -> subprocess.CompletedProcess:
     """The download stage as a process: huggingface_hub reads HF_* when imported."""
-    command = stage_command("download", params, "--out", str(out))
+    return run_with_hub(stage_command("download", params, "--out", str(out)), hf_home, **env)
+
+
+def run_with_hub(command: list[str], hf_home: Path, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "HUGGING_FACE_HUB_TOKEN"}
     environment |= {"HF_HOME": str(hf_home), "NO_PROXY": "127.0.0.1", **env}
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120)
@@ -230,6 +234,43 @@ def test_a_dataset_by_name_through_the_hub_then_offline_from_its_cache(shards, t
         assert json.loads((ws / "eval.json").read_text())["val"]["tokens"] > 0
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "online/tokens" / name).read_bytes() == (tmp_path / "offline/tokens" / name).read_bytes()
+
+
+def test_a_hub_files_sha256_is_the_one_the_hub_gives_and_a_damaged_copy_says_how_to_clear_it(shards, tmp_path):
+    """huggingface_hub names a Git LFS file's blob by the SHA-256 the Hub gives for it: download
+    records that without reading the file (a damaged blob is recorded as the Hub's hash), a
+    file kept in git is hashed; tokenize checks every file as it reads it, and its error names
+    what to delete so that the file comes anew."""
+    folder, docs = shards
+    hf_home, ws = tmp_path / "hf", tmp_path / "ws"
+    params = write_params(tmp_path / "params.yaml", {"data": {"url": "hf://datasets/test-org/stories/data/*",
+                                                              "sha256": None, "train_ratio": 0.5}})
+    snapshot = hf_home / "hub/datasets--test-org--stories/snapshots" / COMMIT
+    with standin_hub(hub_repos(folder)) as endpoint:
+        assert run_download(params, ws / "raw", hf_home, HF_ENDPOINT=endpoint).returncode == 0
+        blobs = {f.hub["path"]: (snapshot / f.hub["path"]).resolve() for f in read_manifest(ws / "raw")}
+        assert [name for name, blob in blobs.items() if len(blob.name) == 64] == [
+            "data/a.parquet", "data/b.jsonl.gz", "data/c.jsonl.zst"]  # in LFS; d.json and e.txt in git
+        damaged = blobs["data/a.parquet"]
+        damaged.write_bytes(damaged.read_bytes()[:-1] + b"!")
+        result = run_download(params, ws / "raw", hf_home, HF_ENDPOINT=endpoint)
+        assert result.returncode == 0, result.stderr
+        files = read_manifest(ws / "raw")
+        assert [f.sha256 for f in files] == [hashlib.sha256((folder / Path(f.hub["path"]).name).read_bytes()).hexdigest()
+                                             for f in files]  # the Hub's, not the damaged blob's
+
+        tokenize = stage_command("tokenize_corpus", params, *stage_args("tokenize_corpus", ws))
+        result = run_with_hub(tokenize, hf_home, HF_ENDPOINT=endpoint)
+        assert result.returncode == 1 and result.stderr.splitlines()[-1] == (
+            f"error: hf://datasets/test-org/stories@{COMMIT}/data/a.parquet in the Hugging Face cache does not "
+            f"have the sha256 the download stage recorded ({files[0].sha256}; the Hub's, for a Git LFS file): it "
+            f"is damaged; delete {snapshot / 'data/a.parquet'} and its blob {damaged} from the Hugging Face cache, "
+            f"then run the pipeline again (the file is downloaded anew)")
+        (snapshot / "data/a.parquet").unlink()
+        damaged.unlink()
+        result = run_with_hub(tokenize, hf_home, HF_ENDPOINT=endpoint)
+    assert result.returncode == 0, result.stderr
+    assert read_ids(ws / "tokens", "train") + read_ids(ws / "tokens", "val") == by_document(docs)
 
 
 HUB_FAILURES = {

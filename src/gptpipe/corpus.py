@@ -145,6 +145,11 @@ class FileScan:
 def scan_file(file: CorpusFile, path: Path, rules: RowRules) -> FileScan:
     """One file checked against the SHA-256 the manifest records, and scanned."""
     if file.sha256 and hash_local(path, file.name)[0] != file.sha256:
+        if file.hub is not None:
+            from gptpipe.hub import cache_fix
+            raise PipelineError(f"{file.name} in the Hugging Face cache does not have the sha256 the download "
+                                f"stage recorded ({file.sha256}; the Hub's, for a Git LFS file): it is damaged; "
+                                f"{cache_fix(path)}")
         cause = "changed since" if file.local else "is not the file"
         raise PipelineError(f"{file.name} {cause} the download stage recorded it (sha256 {file.sha256}): "
                             f"run the download stage again (dvc repro -f download), then the pipeline")

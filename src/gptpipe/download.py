@@ -4,7 +4,8 @@ manifest (gptpipe.sources) that tokenize reads.
 Where each file's bytes come from and stay:
 
 - hf://datasets/...: huggingface_hub's cache (its token, progress bars, resumed downloads and
-  HF_HUB_OFFLINE); the manifest records the commit the revision named.
+  HF_HUB_OFFLINE); the manifest records the commit the revision named, and for a Git LFS file
+  the SHA-256 the Hub gives (huggingface_hub names the cached file by it), which tokenize checks.
 - a local path, directory or glob: read where it is; the manifest records its path and SHA-256,
   which tokenize checks again as it reads.
 - an https/http/file URL: stored next to the manifest, as published (a .gz stays compressed).
@@ -216,7 +217,7 @@ def resolve(source: Source, key: str, split: str | None, run: Download) -> None:
 
 
 def resolve_hub(source: Source, files: HubFiles, key: str, split: str | None, run: Download) -> None:
-    from gptpipe.hub import dataset_files  # huggingface_hub is imported only for Hub sources
+    from gptpipe.hub import dataset_files, lfs_sha256  # huggingface_hub is imported only for Hub sources
 
     if source.sha256 is not None and any(c in files.pattern for c in "*?["):
         raise PipelineError(f"{key} {source.url!r} is a glob, but a sha256 checks one file; drop the sha256 "
@@ -225,7 +226,11 @@ def resolve_hub(source: Source, files: HubFiles, key: str, split: str | None, ru
     commit, found = dataset_files(files, key, remaining)
     for name, path in found:
         file_format(name)
-        digest, size = hash_local(path, source.url, run)
+        if (digest := lfs_sha256(path)) is not None:  # not read here: tokenize checks it as it reads the file
+            size = path.stat().st_size
+            run.count(str(path), size)
+        else:
+            digest, size = hash_local(path, source.url, run)
         hub_url = f"hf://datasets/{files.repo}@{commit}/{name}"
         require_checksum(hub_url, f"the sha256 {source.sha256} given for it in {key}", source.sha256, digest,
                          "fix its url, or its sha256 if the change is intended")

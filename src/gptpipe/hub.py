@@ -24,7 +24,7 @@ from huggingface_hub.errors import (DryRunError, EntryNotFoundError, GatedRepoEr
 from huggingface_hub.utils import filter_repo_objects
 
 from gptpipe.errors import PipelineError
-from gptpipe.sources import HubFiles
+from gptpipe.sources import HubFiles, is_sha256
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,25 @@ def dataset_file(repo: str, commit: str, path: str, key: str) -> Path:
     where = f"{key}: {path} of dataset {repo} at commit {commit}"
     with hub_errors(where, f"{key}=hf://datasets/{repo}", lambda: "the repository has no such file at that commit"):
         return Path(hf_hub_download(repo, path, repo_type="dataset", revision=commit))
+
+
+def lfs_sha256(path: Path) -> str | None:
+    """The SHA-256 of a Git LFS file in huggingface_hub's cache, as the Hub gave it, without
+    reading the file: a snapshot's file links to a blob named by the file's etag, which for an LFS
+    file is its SHA-256 (for a file in git, its 40-digit git hash). None when the name does not
+    say (not an LFS file, or a cache without symlinks). huggingface_hub checks a download's size,
+    not this hash: the tokenize stage checks it as it reads the file."""
+    if not path.is_symlink():
+        return None
+    blob = path.resolve()
+    return blob.name if blob.parent.name == "blobs" and is_sha256(blob.name) else None
+
+
+def cache_fix(path: Path) -> str:
+    """How to remove a damaged file from huggingface_hub's cache so that it is downloaded again."""
+    blob = path.resolve()
+    where = f"{path} and its blob {blob}" if blob != path else str(path)
+    return f"delete {where} from the Hugging Face cache, then run the pipeline again (the file is downloaded anew)"
 
 
 @contextmanager
