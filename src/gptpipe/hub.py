@@ -38,6 +38,10 @@ GPT2_SIZES = {
 }
 HUB_ID = re.compile(r"(?P<repo>gpt2(?:-medium|-large|-xl)?|[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 COMMIT = re.compile(r"[0-9a-f]{40}")
+# Dataset files downloaded at once. huggingface_hub's default, 8, held ~35 MB per download
+# (10 MB read buffers) and the stage's peak grew with the shards' size up to ~350 MB; 2 hold
+# ~120 MB however large the shards, and were as fast over localhost (bench/bench_corpus.py).
+DATASET_DOWNLOADS = 2
 # Names that are files, not repositories: a missing local checkpoint is reported as such.
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".json")
 
@@ -111,7 +115,7 @@ def dataset_files(files: HubFiles, key: str, max_bytes: int | None) -> tuple[str
                                     f"data.max_bytes={max_bytes}; if that is intended, raise data.max_bytes "
                                     f"(or set it to null), e.g. `dvc exp run -S data.max_bytes={2 * total}`")
         folder = Path(snapshot_download(files.repo, repo_type="dataset", revision=revision,
-                                        allow_patterns=files.pattern))
+                                        allow_patterns=files.pattern, max_workers=DATASET_DOWNLOADS))
     names = sorted(filter_repo_objects((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
                                        allow_patterns=files.pattern))
     if not names:
