@@ -12,10 +12,10 @@ import gzip
 import io
 import json
 import zlib
-from itertools import accumulate
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
