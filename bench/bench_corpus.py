@@ -5,8 +5,8 @@ For each size, a seeded synthetic dataset (bench/synthetic.py's word model: docu
 about 1-4 kB, median 2 kB) is written once as --shards Parquet shards (8: 125 MB of text each
 at 1 GB), 1,000 rows per row group (the row group of `datasets`' and datatrove's Parquet
 writers), snappy, and kept under --work. The same number of shards at every size: the
-download stage's memory depends on how many files huggingface_hub downloads at once (up to 8),
-not on their size. tests/standin_hub.py serves it on localhost as
+download stage's memory depends on how many files huggingface_hub downloads at once
+(gptpipe.hub.DATASET_DOWNLOADS) and how long they overlap, not on the corpus's size. tests/standin_hub.py serves it on localhost as
 `hf://datasets/bench/synthetic-<size>MB`. In a scratch copy of the project (a git + DVC repo,
 data.url naming the shards at the stand-in's commit, dvc.yaml cut to download and tokenize),
 taking turns `--repeats` times:
