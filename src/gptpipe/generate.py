@@ -52,26 +52,25 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def new_cache(model: GPTModel, batch_size: int, autocast_dtype: torch.dtype | None) -> KVCache:
+def new_cache(model: GPTModel, batch_size: int, autocast_dtype: torch.dtype | None,
+              static_shapes: bool = False) -> KVCache:
     """An empty cache for `model`, in the dtype its keys and values are computed in."""
     weight = model.tok_emb.weight
-    return KVCache(model.cfg, batch_size, autocast_dtype or weight.dtype, weight.device)
+    return KVCache(model.cfg, batch_size, autocast_dtype or weight.dtype, weight.device, static_shapes)
 
 
 class StepDecoder:
-    """Decodes one position per call with the same shapes every time: the new tokens and their
-    position are copied into fixed buffers, then the forward runs eagerly, or on CUDA replays
-    a CUDA graph captured once (one launch for the whole forward instead of hundreds: at batch
-    1 a 124M model on a GPU is bound by kernel launches, not by the GPU)."""
+    """Decodes one position per call on CUDA by replaying a CUDA graph captured once (one launch
+    for the whole forward instead of hundreds: at batch 1 a 124M model on a GPU is bound by
+    kernel launches, not by the GPU). Every call has the same shapes: the new tokens and their
+    position are copied into fixed buffers, and the cache has static shapes."""
 
-    def __init__(self, model: GPTModel, cache: KVCache, autocast_dtype: torch.dtype | None, graphed: bool):
+    def __init__(self, model: GPTModel, cache: KVCache, autocast_dtype: torch.dtype | None):
         self.model, self.cache, self.autocast_dtype = model, cache, autocast_dtype
         device = cache.keys.device
         self.tokens = torch.zeros(cache.keys.shape[1], 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        if graphed:  # before anything is cached: the warm-up steps write at position 0
-            self.logits = self.capture()
+        self.logits = self.capture()  # before anything is cached: the warm-up steps write at position 0
 
     def forward(self) -> torch.Tensor:
         with autocast(self.tokens.device, self.autocast_dtype):
@@ -94,13 +93,9 @@ class StepDecoder:
         """Logits (batch, vocab) after `tokens` (batch, 1), which take position len(cache)."""
         self.tokens.copy_(tokens)
         self.position.fill_(len(self.cache))
-        if self.graph is None:
-            logits = self.forward()
-        else:
-            self.graph.replay()
-            logits = self.logits.clone()
+        self.graph.replay()
         self.cache.length += 1
-        return logits
+        return self.logits.clone()
 
 
 def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None,
@@ -143,10 +138,11 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
         if temperature != 0.0:
             raise ValueError(f"beam search is deterministic: use temperature 0 with num_beams {num_beams}")
         return beam_search(model, idx, max_new_tokens, num_beams, length_penalty, eos_id, use_cache, autocast_dtype)
-    cache = new_cache(model, idx.shape[0], autocast_dtype) if use_cache else None
+    graphed = use_cache and idx.device.type == "cuda"
+    cache = new_cache(model, idx.shape[0], autocast_dtype, static_shapes=graphed) if use_cache else None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     with eval_mode(model), autocast(idx.device, autocast_dtype):
-        decoder = StepDecoder(model, cache, autocast_dtype, graphed=idx.device.type == "cuda") if cache else None
+        decoder = StepDecoder(model, cache, autocast_dtype) if graphed else None
         for _ in range(max_new_tokens):
             logits = next_logits(model, idx, cache, decoder)
             token = next_token(logits, temperature, top_k, top_p, generator)

@@ -53,15 +53,19 @@ class KVCache(nn.Module):
     the whole context: (layers, batch, heads, context_length, head_dim).
 
     Each step writes its positions in place (no concatenation, no new memory) and attends over
-    the whole buffer through a mask of the positions filled, so every step of a decoding has
-    the same shapes: what CUDA graphs (torch.compile's reduce-overhead mode) need. The next
-    position fed to the model is len(cache). Masked positions get exactly zero attention, so
-    the results are those of attending over the filled positions only.
+    the positions filled so far; a single new token needs no mask. With `static_shapes`, it
+    attends over the whole buffer through a mask of the positions filled instead, so that
+    every step of a decoding has the same shapes: what CUDA graphs need (the caller then passes
+    the positions and keeps len(cache)). Masked positions get exactly zero attention, so both
+    give the results of attending over the filled positions only; on the CPU, attending over a
+    256-position buffer at every token cost 13% of a decoding step (bench/README.md).
+    The next position fed to the model is len(cache).
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", static_shapes: bool = False):
         super().__init__()
+        self.static_shapes = static_shapes
         shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.context_length, cfg.emb_dim // cfg.n_heads)
         # zeros, not empty: a masked position's weight is 0, and 0 × NaN garbage would be NaN
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device))
@@ -83,11 +87,17 @@ class KVCache(nn.Module):
     def update(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write the keys and values (batch, heads, len(positions), head_dim) of `positions`;
-        return the layer's whole buffers and the mask (len(positions), context) of what each
-        of those positions may attend to: itself and the positions before it."""
+        return the keys and values to attend over and the mask (len(positions), keys) of what
+        each of those positions may attend to, itself and the positions before it (None: all).
+        Without static shapes those are the first len(cache) positions, which the model's
+        forward has already counted the new ones into."""
         self.keys[layer].index_copy_(2, positions, keys)
         self.values[layer].index_copy_(2, positions, values)
-        return self.keys[layer], self.values[layer], self.key_positions <= positions[:, None]
+        if self.static_shapes:
+            return self.keys[layer], self.values[layer], self.key_positions <= positions[:, None]
+        end = self.length
+        mask = None if len(positions) == 1 else self.key_positions[:end] <= positions[:, None]
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end], mask
 
 
 class MultiHeadAttention(nn.Module):
@@ -211,9 +221,11 @@ class GPTModel(nn.Module):
 
         With a cache, `idx` holds only the new tokens: they take positions len(cache) onwards,
         attend to the cached ones as well, and their keys and values are added to the cache.
-        Given `positions` (a tensor, as a captured CUDA graph needs), they take those instead,
-        and keeping len(cache) is the caller's part.
+        Given `positions` (a tensor, as a captured CUDA graph needs; the cache must then have
+        static shapes), they take those instead, and keeping len(cache) is the caller's part.
         """
+        if positions is not None and cache is not None and not cache.static_shapes:
+            raise ValueError("explicit positions need a KVCache with static_shapes=True")
         if positions is None:
             past = 0 if cache is None else len(cache)
             if past + idx.shape[1] > self.cfg.context_length:
