@@ -90,6 +90,22 @@ def test_cached_forward_equals_the_full_forward(model):
         model(idx[:, :1], cache)
 
 
+@torch.no_grad()
+def test_static_shape_cache_equals_the_cache_of_filled_positions(model):
+    """The CUDA-graph path (whole buffer, masked, positions given) computes what the default
+    path (filled positions only) computes, token by token."""
+    model.eval()
+    idx = torch.randint(0, CFG.vocab_size, (2, CFG.context_length))
+    filled, static = KVCache(CFG, 2), KVCache(CFG, 2, static_shapes=True)
+    for t in range(CFG.context_length):
+        expected = model(idx[:, t:t + 1], filled)
+        torch.testing.assert_close(model(idx[:, t:t + 1], static, positions=torch.tensor([t])), expected,
+                                   rtol=1e-5, atol=1e-5)
+        static.length += 1
+    with pytest.raises(ValueError, match="static_shapes"):
+        model(idx[:, :1], KVCache(CFG, 2), positions=torch.tensor([0]))
+
+
 @pytest.mark.parametrize("prompt_len", [3, CFG.context_length, CFG.context_length + 3])
 def test_kv_cache_greedy_equals_no_cache_greedy_beyond_the_context(model, prompt_len):
     prompt = torch.randint(0, CFG.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(1))
