@@ -275,3 +275,23 @@ def test_int8_decoding_agrees_with_fp32_on_most_greedy_tokens(model):
     assert agreement >= 0.5
     with pytest.raises(PipelineError, match="sample.quantize: int8 runs on the CPU"):
         quantize_for_decoding(model, "int8", torch.device("cuda"))
+
+
+def test_decoding_uses_every_cpu_unless_the_environment_chose(monkeypatch):
+    from gptpipe.device import decoding_threads
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})  # 3 CPUs, torch set to 1
+    torch.set_num_threads(1)
+    try:
+        with decoding_threads(torch.device("cpu")):
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 1
+        with decoding_threads(torch.device("cuda")):  # GPU decoding: the CPU threads stay
+            assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        with decoding_threads(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -8,10 +8,12 @@ window slides, every token moves to a new position and so every key and value ch
 the cache is rebuilt from the last context_length tokens at each step.
 """
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
+from gptpipe.device import decoding_threads
 from gptpipe.model import GPTModel, KVCache, eval_mode
 from gptpipe.params import GPT2_VOCAB_SIZE, SampleParams
 from gptpipe.precision import autocast
@@ -119,9 +121,14 @@ def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None,
     return model(new, cache)[:, -1, :].float()
 
 
-# no_grad, not inference_mode: under inference_mode autocast does not cache its casts of the
-# weights and would re-cast every weight at every token.
-@torch.no_grad()
+def no_autograd(autocast_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """inference_mode, whose ops skip the version counters and view tracking that no_grad still
+    keeps: a tenth of an int8 decoding step on 2 CPU cores (bench/README.md). Under autocast,
+    no_grad: under inference_mode autocast does not cache its casts of the weights and would
+    re-cast every weight at every token."""
+    return torch.no_grad() if autocast_dtype is not None else torch.inference_mode()
+
+
 def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None,
              generator: Generators = None, num_beams: int = 1, length_penalty: float = 1.0,
@@ -139,9 +146,9 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
             raise ValueError(f"beam search is deterministic: use temperature 0 with num_beams {num_beams}")
         return beam_search(model, idx, max_new_tokens, num_beams, length_penalty, eos_id, use_cache, autocast_dtype)
     graphed = use_cache and idx.device.type == "cuda"
-    cache = new_cache(model, idx.shape[0], autocast_dtype, static_shapes=graphed) if use_cache else None
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    with eval_mode(model), autocast(idx.device, autocast_dtype):
+    with no_autograd(autocast_dtype), eval_mode(model), autocast(idx.device, autocast_dtype):
+        cache = new_cache(model, idx.shape[0], autocast_dtype, static_shapes=graphed) if use_cache else None
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         decoder = StepDecoder(model, cache, autocast_dtype) if graphed else None
         for _ in range(max_new_tokens):
             logits = next_logits(model, idx, cache, decoder)
@@ -152,7 +159,7 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
             idx = torch.cat([idx, token], dim=1)
             if finished.all():
                 break
-    return idx
+    return idx.clone()  # a normal tensor again, which autograd may save (an inference tensor it may not)
 
 
 @torch.no_grad()
@@ -219,14 +226,16 @@ def sample_texts(model: GPTModel, opts: SampleParams, device: torch.device,
                  autocast_dtype: torch.dtype | None = None) -> list[str]:
     """What the sample stage writes: opts.num_samples continuations of opts.prompt (the prompt
     included), each ending before <|endoftext|>. Sample i draws with seed opts.seed + i, the
-    samples decoded together as one batch (the weights are read once per step for all)."""
+    samples decoded together as one batch (the weights are read once per step for all), on the CPU
+    with every CPU's thread (device.decoding_threads)."""
     prompt = encode_prompt(opts.prompt)
     eos_id = gpt2_encoding().eot_token
     batch_size = 1 if opts.num_beams > 1 else opts.num_samples  # beam search is deterministic
-    rows = generate(model, torch.tensor([prompt] * batch_size, device=device), opts.max_new_tokens,
-                    temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, eos_id=eos_id,
-                    generator=[torch.Generator(device=device).manual_seed(opts.seed + i) for i in range(batch_size)],
-                    num_beams=opts.num_beams, length_penalty=opts.length_penalty, autocast_dtype=autocast_dtype)
+    with decoding_threads(device):
+        rows = generate(model, torch.tensor([prompt] * batch_size, device=device), opts.max_new_tokens,
+                        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, eos_id=eos_id,
+                        generator=[torch.Generator(device=device).manual_seed(opts.seed + i) for i in range(batch_size)],
+                        num_beams=opts.num_beams, length_penalty=opts.length_penalty, autocast_dtype=autocast_dtype)
     rows = [rows[0]] * opts.num_samples if opts.num_beams > 1 else rows
     texts = []
     for row in rows:

@@ -43,7 +43,9 @@ class Dropout(nn.Dropout):
     cheap_masks: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cheap_masks and self.training and self.p > 0:
+        if not self.training or self.p == 0:  # what nn.Dropout returns then, without its call
+            return x
+        if self.cheap_masks:
             return cheap_dropout(x, self.p)
         return super().forward(x)
 
@@ -115,6 +117,22 @@ class MultiHeadAttention(nn.Module):
         self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.W_qkv: nn.Linear | None = None  # set by fuse_qkv
+
+    def fuse_qkv(self) -> None:
+        """Replace the query, key and value projections by one Linear that computes the three
+        side by side: one matrix product per layer instead of three, for decoding, where a
+        token's products are small and each call's fixed cost counts. The state dict then holds
+        W_qkv instead of the book's three names."""
+        projections = (self.W_query, self.W_key, self.W_value)
+        fused = nn.Linear(self.W_query.in_features, 3 * self.W_query.out_features, bias=self.W_query.bias is not None,
+                          device=self.W_query.weight.device, dtype=self.W_query.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([w.weight for w in projections]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([w.bias for w in projections]))
+        self.W_qkv = fused
+        del self.W_query, self.W_key, self.W_value
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -123,7 +141,9 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = (self.split_heads(w(x)) for w in (self.W_query, self.W_key, self.W_value))
+        projected = self.W_qkv(x).split(d, dim=-1) if self.W_qkv is not None else (
+            w(x) for w in (self.W_query, self.W_key, self.W_value))
+        q, k, v = (self.split_heads(y) for y in projected)
         dropout_p = self.dropout.p if self.training else 0.0
         if cache is not None:
             k, v, mask = cache.update(layer, positions, k, v)
@@ -201,6 +221,11 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
+
+    def fuse_qkv(self) -> None:
+        """Every attention's three projections as one (MultiHeadAttention.fuse_qkv)."""
+        for block in self.trf_blocks:
+            block.att.fuse_qkv()
 
     def use_book_dropout(self, enabled: bool) -> None:
         """Attention dropout in the book's order and random stream on every device (see

@@ -3,11 +3,13 @@ CPU decoding is bound by memory, not arithmetic.
 
 `int8` stores each nn.Linear's weight as int8 with a scale per output channel and quantizes
 the activations on the fly (dynamic quantization), through torch's own quantized kernels
-(fbgemm: AVX2, AVX-512 VNNI). torchao, its announced successor, was measured too
-(`python bench/bench_generate.py --torchao`): in eager mode its CPU int8 paths were slower
-than fp32 on an AVX2 CPU, since they rely on torch.compile to generate fused kernels, and
-compiling costs more than a sample stage's whole run. torch
-2.13 (pinned by this project) ships the fbgemm path, marked deprecated; bench/README.md
+(fbgemm: AVX2, AVX-512 VNNI). The attention's query, key and value projections are first fused
+into one (GPTModel.fuse_qkv): at int8 a token's matrix products are small enough that each
+call's fixed cost counts. Of torch's int8 kernels, fbgemm's was the fastest per token
+(bench/README.md): `torch.ops.aten._weight_int8pack_mm` (int8 weights, bf16 activations) and
+torchao's eager int8 (`python bench/bench_generate.py --torchao`) were slower, torchao's since its
+CPU kernels come from torch.compile, and compiling costs more than a sample stage's whole run.
+torch 2.13 (pinned by this project) ships the fbgemm path, marked deprecated; bench/README.md
 lists its speed, its agreement with fp32's tokens and its effect on the loss.
 """
 
@@ -20,12 +22,14 @@ from gptpipe.model import GPTModel
 
 
 def quantize_for_decoding(model: GPTModel, mode: str, device: torch.device) -> torch.nn.Module:
-    """`model` with int8 linear layers for `mode` int8, or unchanged for `none`."""
+    """`model` with int8 linear layers for `mode` int8 (changed in place), or unchanged for `none`."""
     if mode == "none":
         return model
     if device.type != "cpu":
         raise PipelineError(f"sample.quantize: {mode} runs on the CPU's int8 kernels, and the model is on "
                             f"{device}: set sample.quantize to none, or train.device to cpu")
+    model.fuse_qkv()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice of torch.ao.quantization
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        per_channel = {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+        return torch.ao.quantization.quantize_dynamic(model, per_channel, dtype=torch.qint8, inplace=True)
