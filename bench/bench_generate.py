@@ -8,7 +8,8 @@ warm-up; the table shows median tokens/s, the speed-up over
 the book and MFU (model FLOPs per token × tokens/s over a matmul peak of this run).
 
 - greedy decoding of --new-tokens at batch 1: the book; ours in fp32, with int8 weights
-  (sample.quantize: int8), with bf16 autocast (--bf16); torchao's int8 (--torchao);
+  (sample.quantize: int8), with bf16 autocast (--bf16); torchao's int8 (--torchao); torch's
+  weight-only int8 kernel (--int8pack);
 - --samples N sampled continuations (temperature 1, top-k 25): decoded one after another,
   and as one batch (sample.num_samples N), tokens/s over all N;
 - agreement: the share of greedy tokens equal to fp32's over a fixed set of prompts (the
@@ -49,7 +50,7 @@ from gptpipe.generate import generate  # noqa: E402
 from gptpipe.metrics import evaluate_loader  # noqa: E402
 from gptpipe.model import GPTModel, from_book_state_dict  # noqa: E402
 from gptpipe.params import GPTConfig  # noqa: E402
-from gptpipe.quantize import quantize_for_decoding  # noqa: E402
+from gptpipe.quantize import prepare_for_decoding  # noqa: E402
 from gptpipe.tokenizer import encode, gpt2_encoding, hf_tokenizer_files  # noqa: E402
 
 SMALL = {"emb_dim": 64, "n_heads": 4, "n_layers": 2}
@@ -97,6 +98,30 @@ def torchao_int8(model: GPTModel) -> GPTModel:
     return model
 
 
+class Int8PackLinear(torch.nn.Module):
+    """nn.Linear through torch's weight-only int8 kernel, torch.ops.aten._weight_int8pack_mm:
+    int8 weights with a bf16 scale per output channel, bf16 activations (its vectorized path on
+    x86), the output back in fp32."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.weight = torch.round(weight / scale[:, None]).to(torch.int8)
+        self.scale, self.bias = scale.bfloat16(), linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).bfloat16(), self.weight, self.scale)
+        y = y.float().view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def int8pack(model: torch.nn.Module) -> torch.nn.Module:
+    for name, child in model.named_children():
+        setattr(model, name, Int8PackLinear(child) if isinstance(child, torch.nn.Linear) else int8pack(child))
+    return model
+
+
 def agreement_and_loss(reference: GPTModel, variants: dict[str, tuple[GPTModel, torch.dtype | None]],
                        prompts: list[torch.Tensor], val: np.ndarray) -> dict[str, dict[str, float]]:
     expected = [generate(reference, p, 50)[0, p.shape[1]:] for p in prompts]
@@ -112,7 +137,7 @@ def agreement_and_loss(reference: GPTModel, variants: dict[str, tuple[GPTModel, 
     return results
 
 
-def against_llama_cpp(args, ours: GPTModel, int8: torch.nn.Module) -> list[dict] | str:
+def against_llama_cpp(args, ours: GPTModel, fp32: torch.nn.Module, int8: torch.nn.Module) -> list[dict] | str:
     """Rows of ours against llama.cpp on the same weights, or the reason they were skipped."""
     try:
         llama = llama_cpp.build(args.llama_cpp)
@@ -124,7 +149,7 @@ def against_llama_cpp(args, ours: GPTModel, int8: torch.nn.Module) -> list[dict]
             gguf = llama_cpp.convert(llama, hf, Path(tmp))
             prompt = torch.tensor([[gpt2_encoding().eot_token]])
             n = args.llama_tokens
-            pairs = {("ours fp32", "llama.cpp f32"): (lambda: generate(ours, prompt, n), gguf["f32"]),
+            pairs = {("ours fp32", "llama.cpp f32"): (lambda: generate(fp32, prompt, n), gguf["f32"]),
                      ("ours int8 (sample.quantize)", "llama.cpp Q8_0"): (lambda: generate(int8, prompt, n), gguf["Q8_0"])}
             for run, _ in pairs.values():
                 run()  # warm-up (llama-bench warms up itself)
@@ -158,6 +183,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help=f"a tiny model ({SMALL}) for a smoke test")
     parser.add_argument("--bf16", action="store_true", help="also bf16 autocast (slow where bf16 is emulated)")
     parser.add_argument("--torchao", action="store_true", help="also torchao's int8 (pip install torchao)")
+    parser.add_argument("--int8pack", action="store_true",
+                        help="also torch's weight-only int8 kernel (_weight_int8pack_mm, bf16 activations)")
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--threads", type=int, default=2, help="torch's threads, and llama.cpp's")
     parser.add_argument("--llama-cpp", type=Path, default=Path("~/.cache/gptpipe-bench/llama.cpp"),
@@ -171,13 +198,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     book, ours = models(args)
     cfg = ours.cfg
-    int8 = quantize_for_decoding(copy.deepcopy(ours), "int8", CPU)
+    fp32 = prepare_for_decoding(copy.deepcopy(ours), "none", CPU)  # as the sample stage decodes
+    int8 = prepare_for_decoding(copy.deepcopy(ours), "int8", CPU)
     prompt = torch.tensor([encode(args.prompt)])
     n = args.new_tokens
     variants: dict[str, tuple[Callable[[int], torch.Tensor], torch.dtype]] = {
         "book generate_text_simple": (lambda k: generate_text_simple(book, prompt, k, cfg.context_length),
                                       torch.float32),
-        "ours fp32": (lambda k: generate(ours, prompt, k), torch.float32),
+        "ours fp32": (lambda k: generate(fp32, prompt, k), torch.float32),
         "ours int8 (sample.quantize)": (lambda k: generate(int8, prompt, k), torch.float32),
     }
     modes = {"int8 (sample.quantize)": (int8, None)}
@@ -185,6 +213,10 @@ def main() -> None:
         variants["ours bf16 autocast"] = (lambda k: generate(ours, prompt, k, autocast_dtype=torch.bfloat16),
                                           torch.bfloat16)
         modes["bf16 autocast"] = (ours, torch.bfloat16)
+    if args.int8pack:
+        packed = int8pack(prepare_for_decoding(copy.deepcopy(ours), "none", CPU))
+        variants["ours int8 weight-only (_weight_int8pack_mm)"] = (lambda k: generate(packed, prompt, k), torch.float32)
+        modes["int8 weight-only (_weight_int8pack_mm)"] = (packed, None)
     if args.torchao:
         ao = torchao_int8(copy.deepcopy(ours))
         variants["ours torchao int8"] = (lambda k: generate(ao, prompt, k), torch.float32)
@@ -194,8 +226,8 @@ def main() -> None:
         seeds = [torch.Generator().manual_seed(args.seed + i) for i in range(args.samples)]
         options = dict(temperature=1.0, top_k=25)
         if batched:
-            return generate(ours, prompt.repeat(args.samples, 1), n, generator=seeds, **options)
-        return torch.cat([generate(ours, prompt, n, generator=g, **options) for g in seeds])
+            return generate(fp32, prompt.repeat(args.samples, 1), n, generator=seeds, **options)
+        return torch.cat([generate(fp32, prompt, n, generator=g, **options) for g in seeds])
 
     sample_variants = {f"{args.samples} samples one after another": lambda: samples(False),
                        f"{args.samples} samples as one batch": lambda: samples(True)}
@@ -233,21 +265,21 @@ def main() -> None:
     _, val_text = split_text(find_corpus().read_text(encoding="utf-8"), 0.9)
     sentences = [s.strip() + "." for s in find_corpus().read_text(encoding="utf-8").split(".")[:8]]
     prompts = [torch.tensor([encode(s)[-32:]]) for s in sentences]
-    quality = agreement_and_loss(ours, {"fp32": (ours, None), **modes}, prompts,
+    quality = agreement_and_loss(ours, {"fp32": (fp32, None), **modes}, prompts,
                                  np.array(encode(val_text), dtype=np.uint16))
 
-    llama_rows = "llama.cpp rows left out (--no-llama-cpp)" if args.no_llama_cpp else against_llama_cpp(args, ours, int8)
+    llama_rows = "llama.cpp rows left out (--no-llama-cpp)" if args.no_llama_cpp else against_llama_cpp(args, ours, fp32, int8)
 
     print(f"\n{machine()}; weights: {args.model or 'random (seed ' + str(args.seed) + ')'}")
-    print(f"{'variant':34} {'tokens/s':>9} {'vs book':>8} {'MFU':>7}  same tokens as the book")
+    print(f"{'variant':46} {'tokens/s':>9} {'vs book':>8} {'MFU':>7}  same tokens as the book")
     for row in rows:
         mfu = f"{row['mfu']:7.2%}" if row["mfu"] is not None else f"{'':>7}"
-        print(f"{row['variant']:34} {row['tokens_per_s']:9.2f} {row['speedup_vs_book']:7.2f}x {mfu}  "
+        print(f"{row['variant']:46} {row['tokens_per_s']:9.2f} {row['speedup_vs_book']:7.2f}x {mfu}  "
               f"{'' if row['same_tokens_as_book'] is None else row['same_tokens_as_book']}")
     print(f"the batch of samples equals the samples one after another: {batch_equals_sequential}")
-    print(f"{'mode':26} {'greedy tokens = fp32':>21} {'val loss':>9}")
+    print(f"{'mode':40} {'greedy tokens = fp32':>21} {'val loss':>9}")
     for name, q in quality.items():
-        print(f"{name:26} {q['greedy_tokens_equal_to_fp32']:>21.1%} {q['val_loss']:>9.4f}")
+        print(f"{name:40} {q['greedy_tokens_equal_to_fp32']:>21.1%} {q['val_loss']:>9.4f}")
     if isinstance(llama_rows, str):
         print(llama_rows)
     else:

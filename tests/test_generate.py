@@ -1,3 +1,4 @@
+import copy
 import itertools
 import re
 
@@ -266,15 +267,27 @@ def test_int8_decoding_writes_valid_text_close_to_fp32(tmp_path):
     assert fp32.startswith("Every effort moves you")
 
 
+@torch.no_grad()
+def test_fp32_decoding_with_fused_projections_gives_the_same_tokens(model):
+    from gptpipe.quantize import prepare_for_decoding
+    prompts = torch.randint(0, CFG.vocab_size, (4, 3), generator=torch.Generator().manual_seed(3))
+    expected, logits = generate(model, prompts, 2 * CFG.context_length), model.eval()(prompts)
+    fused = prepare_for_decoding(copy.deepcopy(model), "none", torch.device("cpu"))
+    attention = fused.trf_blocks[0].att
+    assert attention.W_qkv is not None and not hasattr(attention, "W_query")
+    torch.testing.assert_close(fused(prompts), logits, rtol=1e-6, atol=1e-6)
+    assert torch.equal(generate(fused, prompts, 2 * CFG.context_length), expected)
+
+
 def test_int8_decoding_agrees_with_fp32_on_most_greedy_tokens(model):
-    from gptpipe.quantize import quantize_for_decoding
+    from gptpipe.quantize import prepare_for_decoding
     prompts = torch.randint(0, CFG.vocab_size, (8, 3), generator=torch.Generator().manual_seed(2))
     expected = generate(model, prompts, 6)
-    quantized = quantize_for_decoding(model, "int8", torch.device("cpu"))
+    quantized = prepare_for_decoding(model, "int8", torch.device("cpu"))
     agreement = (generate(quantized, prompts, 6)[:, 3:] == expected[:, 3:]).float().mean().item()
     assert agreement >= 0.5
     with pytest.raises(PipelineError, match="sample.quantize: int8 runs on the CPU"):
-        quantize_for_decoding(model, "int8", torch.device("cuda"))
+        prepare_for_decoding(model, "int8", torch.device("cuda"))
 
 
 def test_decoding_uses_every_cpu_unless_the_environment_chose(monkeypatch):

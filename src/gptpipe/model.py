@@ -141,9 +141,10 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
-        projected = self.W_qkv(x).split(d, dim=-1) if self.W_qkv is not None else (
-            w(x) for w in (self.W_query, self.W_key, self.W_value))
-        q, k, v = (self.split_heads(y) for y in projected)
+        if self.W_qkv is not None:  # (b, t, 3 * d) -> three (b, heads, t, head_dim) views
+            q, k, v = self.W_qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (self.split_heads(w(x)) for w in (self.W_query, self.W_key, self.W_value))
         dropout_p = self.dropout.p if self.training else 0.0
         if cache is not None:
             k, v, mask = cache.update(layer, positions, k, v)
