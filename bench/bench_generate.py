@@ -8,15 +8,21 @@ warm-up; the table shows median tokens/s, the speed-up over
 the book and MFU (model FLOPs per token × tokens/s over a matmul peak of this run).
 
 - greedy decoding of --new-tokens at batch 1: the book; ours in fp32, with int8 weights
-  (sample.quantize: int8), with bf16 autocast (--bf16); torchao's int8 (--torchao);
+  (sample.quantize: int8), with bf16 autocast (--bf16); torchao's int8 (--torchao); torch's
+  weight-only int8 kernel (--int8pack);
 - --samples N sampled continuations (temperature 1, top-k 25): decoded one after another,
   and as one batch (sample.num_samples N), tokens/s over all N;
 - agreement: the share of greedy tokens equal to fp32's over a fixed set of prompts (the
   first sentences of the-verdict), and the val loss of each mode (evaluate's loss on the
-  first 8 val windows).
+  first 8 val windows);
+- against llama.cpp on the same weights (bench/llama_cpp.py builds it outside the repository on
+  first use; skipped with a message where it cannot): our model directory, with GPT-2's tokenizer
+  files, converted by llama.cpp's own convert_hf_to_gguf.py (f32) and quantized by its llama-quantize (Q8_0); --llama-tokens new
+  tokens after a 1-token prompt (llama-bench's tg test), --threads threads each, ours fp32 vs
+  its f32 and ours int8 vs its Q8_0, taking turns --llama-rounds times (best and median).
 
     python bench/bench_generate.py --model data/model
-    python bench/bench_generate.py --small --new-tokens 20 --repeats 1   # smoke test
+    python bench/bench_generate.py --small --new-tokens 20 --repeats 1 --no-llama-cpp   # smoke test
 """
 
 import argparse
@@ -25,6 +31,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,16 +41,17 @@ from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 from llms_from_scratch.ch04 import generate_text_simple
 
 sys.path.insert(0, str(Path(__file__).parent))
+import llama_cpp  # noqa: E402
 from common import BOOK_CONFIG, ROOT, find_corpus, machine, matmul_peak, timed  # noqa: E402
 
-from gptpipe.checkpoint import load_model  # noqa: E402
+from gptpipe.checkpoint import load_model, save_model  # noqa: E402
 from gptpipe.data import split_text, window_loader  # noqa: E402
 from gptpipe.generate import generate  # noqa: E402
 from gptpipe.metrics import evaluate_loader  # noqa: E402
 from gptpipe.model import GPTModel, from_book_state_dict  # noqa: E402
 from gptpipe.params import GPTConfig  # noqa: E402
-from gptpipe.quantize import quantize_for_decoding  # noqa: E402
-from gptpipe.tokenizer import encode  # noqa: E402
+from gptpipe.quantize import prepare_for_decoding  # noqa: E402
+from gptpipe.tokenizer import encode, gpt2_encoding, hf_tokenizer_files  # noqa: E402
 
 SMALL = {"emb_dim": 64, "n_heads": 4, "n_layers": 2}
 CPU = torch.device("cpu")
@@ -90,6 +98,30 @@ def torchao_int8(model: GPTModel) -> GPTModel:
     return model
 
 
+class Int8PackLinear(torch.nn.Module):
+    """nn.Linear through torch's weight-only int8 kernel, torch.ops.aten._weight_int8pack_mm:
+    int8 weights with a bf16 scale per output channel, bf16 activations (its vectorized path on
+    x86), the output back in fp32."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.weight = torch.round(weight / scale[:, None]).to(torch.int8)
+        self.scale, self.bias = scale.bfloat16(), linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).bfloat16(), self.weight, self.scale)
+        y = y.float().view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def int8pack(model: torch.nn.Module) -> torch.nn.Module:
+    for name, child in model.named_children():
+        setattr(model, name, Int8PackLinear(child) if isinstance(child, torch.nn.Linear) else int8pack(child))
+    return model
+
+
 def agreement_and_loss(reference: GPTModel, variants: dict[str, tuple[GPTModel, torch.dtype | None]],
                        prompts: list[torch.Tensor], val: np.ndarray) -> dict[str, dict[str, float]]:
     expected = [generate(reference, p, 50)[0, p.shape[1]:] for p in prompts]
@@ -105,6 +137,41 @@ def agreement_and_loss(reference: GPTModel, variants: dict[str, tuple[GPTModel, 
     return results
 
 
+def against_llama_cpp(args, ours: GPTModel, fp32: torch.nn.Module, int8: torch.nn.Module) -> list[dict] | str:
+    """Rows of ours against llama.cpp on the same weights, or the reason they were skipped."""
+    try:
+        llama = llama_cpp.build(args.llama_cpp)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = Path(tmp) / "hf"  # our model directory, with GPT-2's tokenizer files for the converter
+            save_model(hf, ours, step=0)
+            for name, data in hf_tokenizer_files().items():
+                (hf / name).write_bytes(data)
+            gguf = llama_cpp.convert(llama, hf, Path(tmp))
+            prompt = torch.tensor([[gpt2_encoding().eot_token]])
+            n = args.llama_tokens
+            pairs = {("ours fp32", "llama.cpp f32"): (lambda: generate(fp32, prompt, n), gguf["f32"]),
+                     ("ours int8 (sample.quantize)", "llama.cpp Q8_0"): (lambda: generate(int8, prompt, n), gguf["Q8_0"])}
+            for run, _ in pairs.values():
+                run()  # warm-up (llama-bench warms up itself)
+            rates: dict[str, list[float]] = {name: [] for pair in pairs for name in pair}
+            for round_ in range(args.llama_rounds):
+                for (name, llama_name), (run, path) in pairs.items():
+                    rates[name].append(n / timed(run))
+                    rates[llama_name].append(llama_cpp.decode_tokens_per_second(llama, path, n, args.threads))
+                print(f"round {round_ + 1}/{args.llama_rounds}: " +
+                      ", ".join(f"{name} {r[-1]:.1f}" for name, r in rates.items()), flush=True)
+    except llama_cpp.Unavailable as e:
+        return f"llama.cpp rows skipped: {e}"
+    rows = []
+    for name, llama_name in pairs:
+        for row_name in (name, llama_name):
+            r = rates[row_name]
+            rows.append({"variant": row_name, "best_tokens_per_s": round(max(r), 2),
+                         "median_tokens_per_s": round(statistics.median(r), 2), "rounds": [round(x, 2) for x in r],
+                         "best_vs_llama_cpp": round(max(r) / max(rates[llama_name]), 2)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,19 +183,29 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help=f"a tiny model ({SMALL}) for a smoke test")
     parser.add_argument("--bf16", action="store_true", help="also bf16 autocast (slow where bf16 is emulated)")
     parser.add_argument("--torchao", action="store_true", help="also torchao's int8 (pip install torchao)")
+    parser.add_argument("--int8pack", action="store_true",
+                        help="also torch's weight-only int8 kernel (_weight_int8pack_mm, bf16 activations)")
     parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--threads", type=int, default=2, help="torch's threads, and llama.cpp's")
+    parser.add_argument("--llama-cpp", type=Path, default=Path("~/.cache/gptpipe-bench/llama.cpp"),
+                        help="where llama.cpp is built (on first use) and run from")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave out the rows against llama.cpp")
+    parser.add_argument("--llama-tokens", type=int, default=128)
+    parser.add_argument("--llama-rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/generate.json")
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     book, ours = models(args)
     cfg = ours.cfg
-    int8 = quantize_for_decoding(copy.deepcopy(ours), "int8", CPU)
+    fp32 = prepare_for_decoding(copy.deepcopy(ours), "none", CPU)  # as the sample stage decodes
+    int8 = prepare_for_decoding(copy.deepcopy(ours), "int8", CPU)
     prompt = torch.tensor([encode(args.prompt)])
     n = args.new_tokens
     variants: dict[str, tuple[Callable[[int], torch.Tensor], torch.dtype]] = {
         "book generate_text_simple": (lambda k: generate_text_simple(book, prompt, k, cfg.context_length),
                                       torch.float32),
-        "ours fp32": (lambda k: generate(ours, prompt, k), torch.float32),
+        "ours fp32": (lambda k: generate(fp32, prompt, k), torch.float32),
         "ours int8 (sample.quantize)": (lambda k: generate(int8, prompt, k), torch.float32),
     }
     modes = {"int8 (sample.quantize)": (int8, None)}
@@ -136,6 +213,10 @@ def main() -> None:
         variants["ours bf16 autocast"] = (lambda k: generate(ours, prompt, k, autocast_dtype=torch.bfloat16),
                                           torch.bfloat16)
         modes["bf16 autocast"] = (ours, torch.bfloat16)
+    if args.int8pack:
+        packed = int8pack(prepare_for_decoding(copy.deepcopy(ours), "none", CPU))
+        variants["ours int8 weight-only (_weight_int8pack_mm)"] = (lambda k: generate(packed, prompt, k), torch.float32)
+        modes["int8 weight-only (_weight_int8pack_mm)"] = (packed, None)
     if args.torchao:
         ao = torchao_int8(copy.deepcopy(ours))
         variants["ours torchao int8"] = (lambda k: generate(ao, prompt, k), torch.float32)
@@ -145,8 +226,8 @@ def main() -> None:
         seeds = [torch.Generator().manual_seed(args.seed + i) for i in range(args.samples)]
         options = dict(temperature=1.0, top_k=25)
         if batched:
-            return generate(ours, prompt.repeat(args.samples, 1), n, generator=seeds, **options)
-        return torch.cat([generate(ours, prompt, n, generator=g, **options) for g in seeds])
+            return generate(fp32, prompt.repeat(args.samples, 1), n, generator=seeds, **options)
+        return torch.cat([generate(fp32, prompt, n, generator=g, **options) for g in seeds])
 
     sample_variants = {f"{args.samples} samples one after another": lambda: samples(False),
                        f"{args.samples} samples as one batch": lambda: samples(True)}
@@ -184,25 +265,38 @@ def main() -> None:
     _, val_text = split_text(find_corpus().read_text(encoding="utf-8"), 0.9)
     sentences = [s.strip() + "." for s in find_corpus().read_text(encoding="utf-8").split(".")[:8]]
     prompts = [torch.tensor([encode(s)[-32:]]) for s in sentences]
-    quality = agreement_and_loss(ours, {"fp32": (ours, None), **modes}, prompts,
+    quality = agreement_and_loss(ours, {"fp32": (fp32, None), **modes}, prompts,
                                  np.array(encode(val_text), dtype=np.uint16))
 
+    llama_rows = "llama.cpp rows left out (--no-llama-cpp)" if args.no_llama_cpp else against_llama_cpp(args, ours, fp32, int8)
+
     print(f"\n{machine()}; weights: {args.model or 'random (seed ' + str(args.seed) + ')'}")
-    print(f"{'variant':34} {'tokens/s':>9} {'vs book':>8} {'MFU':>7}  same tokens as the book")
+    print(f"{'variant':46} {'tokens/s':>9} {'vs book':>8} {'MFU':>7}  same tokens as the book")
     for row in rows:
         mfu = f"{row['mfu']:7.2%}" if row["mfu"] is not None else f"{'':>7}"
-        print(f"{row['variant']:34} {row['tokens_per_s']:9.2f} {row['speedup_vs_book']:7.2f}x {mfu}  "
+        print(f"{row['variant']:46} {row['tokens_per_s']:9.2f} {row['speedup_vs_book']:7.2f}x {mfu}  "
               f"{'' if row['same_tokens_as_book'] is None else row['same_tokens_as_book']}")
     print(f"the batch of samples equals the samples one after another: {batch_equals_sequential}")
-    print(f"{'mode':26} {'greedy tokens = fp32':>21} {'val loss':>9}")
+    print(f"{'mode':40} {'greedy tokens = fp32':>21} {'val loss':>9}")
     for name, q in quality.items():
-        print(f"{name:26} {q['greedy_tokens_equal_to_fp32']:>21.1%} {q['val_loss']:>9.4f}")
+        print(f"{name:40} {q['greedy_tokens_equal_to_fp32']:>21.1%} {q['val_loss']:>9.4f}")
+    if isinstance(llama_rows, str):
+        print(llama_rows)
+    else:
+        print(f"\n{args.llama_tokens} new tokens after a 1-token prompt, {args.threads} threads, "
+              f"{args.llama_rounds} rounds taking turns (llama.cpp built from llama-cpp-python "
+              f"{llama_cpp.LLAMA_CPP_PYTHON}'s sdist)")
+        print(f"{'variant':30} {'best tok/s':>11} {'median':>8} {'best vs llama.cpp':>18}")
+        for row in llama_rows:
+            print(f"{row['variant']:30} {row['best_tokens_per_s']:11.1f} {row['median_tokens_per_s']:8.1f} "
+                  f"{row['best_vs_llama_cpp']:17.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": machine(), "config": dataclasses.asdict(cfg), "weights": str(args.model or "random"),
         "new_tokens": n, "repeats": args.repeats, "flops_per_token": flops,
         "matmul_peak_flops": {str(k): v for k, v in peaks.items()}, "results": rows,
-        "batch_equals_sequential": batch_equals_sequential, "agreement_and_loss": quality}, indent=2) + "\n")
+        "batch_equals_sequential": batch_equals_sequential, "agreement_and_loss": quality,
+        "threads": args.threads, "against_llama_cpp": llama_rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

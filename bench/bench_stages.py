@@ -15,9 +15,14 @@ config and the-verdict, with train.epochs (default 1) and train.precision (defau
   cost, their difference (imports, setup, writing the outputs), evaluate, sample with 0 new
   tokens (its fixed cost) and with 200;
 - with --cache (--cache-only: nothing else): what one `dvc exp run -S train.lr=5e-4`
-  (train.max_steps 1) adds to .dvc/cache.
+  (train.max_steps 1) adds to .dvc/cache;
+- with --sample-only, the sample stage alone, on a model after one optimizer step (the book's
+  after none: its generate costs the same for any weights): `dvc repro -f -s sample` and the
+  stage's command, 200 greedy tokens, with sample.quantize none and int8, and its fixed cost
+  (0 tokens), against the book's sample process.
 
     python bench/bench_stages.py --baseline 5c5db96 --cache
+    python bench/bench_stages.py --sample-only --repeats 5
 """
 
 import argparse
@@ -111,18 +116,41 @@ def measure_pipeline(project: Path) -> dict[str, float]:
     return times
 
 
-def measure_book(work: Path, corpus: Path, epochs: int) -> dict[str, float]:
+def measure_sample(project: Path) -> dict[str, float]:
+    """The sample stage alone: through DVC and as its command, fp32 and int8, and its fixed cost."""
+    times = {}
+    for quantize in ("none", "int8"):
+        set_params(project, {"sample": {"quantize": quantize, "max_new_tokens": 200}})
+        times[f"dvc repro -f -s sample (200 tokens, {quantize})"] = dvc(project, "repro", "-f", "-s", "sample")
+        times[f"sample, 200 tokens, {quantize} (command)"] = run_stage(project, "sample")
+        set_params(project, {"sample": {"max_new_tokens": 0}})
+        times[f"sample, 0 tokens, {quantize}: fixed cost (command)"] = run_stage(project, "sample")
+    set_params(project, {"sample": {"quantize": "none", "max_new_tokens": 200}})
+    return times
+
+
+def book_sample(work: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).with_name("book_process.py")), "sample", str(work),
+                    "--new-tokens", "200"], env=ENV, capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def measure_book(work: Path, corpus: Path, epochs: int, sample_only: bool = False) -> dict[str, float]:
     script = str(Path(__file__).with_name("book_process.py"))
+    if sample_only:
+        if not (work / "model.pth").exists():  # an untrained model: the book's generate costs the same
+            subprocess.run([sys.executable, script, "pretrain", str(corpus), str(work), "--epochs", "0"],
+                           env=ENV, capture_output=True, check=True)
+        seconds = book_sample(work)
+        return {f"dvc repro -f -s sample (200 tokens, {q})": seconds for q in ("none", "int8")}
     start = time.perf_counter()
     result = subprocess.run([sys.executable, script, "pretrain", str(corpus), str(work), "--epochs", str(epochs)],
                             env=ENV, capture_output=True, text=True, check=True)
     times = {"dvc repro -f -s pretrain": time.perf_counter() - start,
              "pretrain loop": json.loads(result.stdout.strip().splitlines()[-1])["loop_seconds"]}
     times["pretrain fixed cost"] = times["dvc repro -f -s pretrain"] - times["pretrain loop"]
-    start = time.perf_counter()
-    subprocess.run([sys.executable, script, "sample", str(work), "--new-tokens", "200"], env=ENV,
-                   capture_output=True, check=True)
-    times["dvc repro -f -s sample (200 tokens)"] = time.perf_counter() - start
+    times["dvc repro -f -s sample (200 tokens)"] = book_sample(work)
     return times
 
 
@@ -152,6 +180,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--cache", action="store_true", help="also measure one dvc exp run's cache growth")
     parser.add_argument("--cache-only", action="store_true", help="measure the cache growth only, no timings")
+    parser.add_argument("--sample-only", action="store_true",
+                        help="time the sample stage only (fp32 and int8), on a model after one step")
     parser.add_argument("--out", default=str(ROOT / "bench/results/stages.json"))
     args = parser.parse_args()
 
@@ -159,6 +189,8 @@ def main() -> None:
     overrides = {"data": {"url": str(find_corpus())},
                  "train": {"epochs": args.epochs, "precision": args.precision},
                  "sample": {"temperature": 0.0, "max_new_tokens": 200}}
+    if args.sample_only:
+        overrides["train"]["max_steps"] = 1
     names = ["the book's code", *revs]
     times: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in names}
     cache = {}
@@ -173,8 +205,10 @@ def main() -> None:
             dvc(projects[name], "repro")  # every stage once, so the timed ones find their inputs
         for repeat in range(args.repeats):
             for name in names:
-                measured = (measure_book(Path(tmp) / "book", find_corpus(), args.epochs) if name == names[0]
-                            else measure_pipeline(projects[name]))
+                if name == names[0]:
+                    measured = measure_book(Path(tmp) / "book", find_corpus(), args.epochs, args.sample_only)
+                else:
+                    measured = (measure_sample if args.sample_only else measure_pipeline)(projects[name])
                 for key, seconds in measured.items():
                     times[name][key].append(seconds)
                 print(f"repeat {repeat + 1}/{args.repeats} {name}: " + ", ".join(
@@ -192,7 +226,9 @@ def main() -> None:
         for key in times[names[1]]:
             cells = [f"{median(times[name][key]):>22.2f}" if key in times[name] else f"{'':>22}" for name in names]
             print(f"{key:<40}" + "".join(cells))
-        for key in ("dvc repro -f -s pretrain", "dvc repro -f -s sample (200 tokens)"):
+        for key in times[names[0]]:
+            if not key.startswith("dvc repro"):
+                continue
             book = median(times[names[0]][key])
             print(f"{key}: " + ", ".join(f"{name} {book / median(times[name][key]):.2f}x the book" for name in revs))
     for name, growth in cache.items():

@@ -11,7 +11,7 @@ from gptpipe.files import write_text
 from gptpipe.generate import sample_texts
 from gptpipe.params import load_params
 from gptpipe.precision import decoding_dtype
-from gptpipe.quantize import quantize_for_decoding
+from gptpipe.quantize import prepare_for_decoding
 
 log = logging.getLogger("sample")
 
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(params.train.device)
 
     model, _ = load_model(args.model, device)
-    model = quantize_for_decoding(model, opts.quantize, device)
+    model = prepare_for_decoding(model, opts.quantize, device)
     texts = sample_texts(model, opts, device, decoding_dtype(params.train.precision, device, opts.num_samples))
     if opts.num_samples > 1:
         texts = [f"=== sample {i + 1} of {opts.num_samples} (seed {opts.seed + i}) ===\n{text}\n"

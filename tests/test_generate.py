@@ -1,3 +1,4 @@
+import copy
 import itertools
 import re
 
@@ -88,6 +89,22 @@ def test_cached_forward_equals_the_full_forward(model):
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="longer than the context length"):
         model(idx[:, :1], cache)
+
+
+@torch.no_grad()
+def test_static_shape_cache_equals_the_cache_of_filled_positions(model):
+    """The CUDA-graph path (whole buffer, masked, positions given) computes what the default
+    path (filled positions only) computes, token by token."""
+    model.eval()
+    idx = torch.randint(0, CFG.vocab_size, (2, CFG.context_length))
+    filled, static = KVCache(CFG, 2), KVCache(CFG, 2, static_shapes=True)
+    for t in range(CFG.context_length):
+        expected = model(idx[:, t:t + 1], filled)
+        torch.testing.assert_close(model(idx[:, t:t + 1], static, positions=torch.tensor([t])), expected,
+                                   rtol=1e-5, atol=1e-5)
+        static.length += 1
+    with pytest.raises(ValueError, match="static_shapes"):
+        model(idx[:, :1], KVCache(CFG, 2), positions=torch.tensor([0]))
 
 
 @pytest.mark.parametrize("prompt_len", [3, CFG.context_length, CFG.context_length + 3])
@@ -250,12 +267,44 @@ def test_int8_decoding_writes_valid_text_close_to_fp32(tmp_path):
     assert fp32.startswith("Every effort moves you")
 
 
+@torch.no_grad()
+def test_fp32_decoding_with_fused_projections_gives_the_same_tokens(model):
+    from gptpipe.quantize import prepare_for_decoding
+    prompts = torch.randint(0, CFG.vocab_size, (4, 3), generator=torch.Generator().manual_seed(3))
+    expected, logits = generate(model, prompts, 2 * CFG.context_length), model.eval()(prompts)
+    fused = prepare_for_decoding(copy.deepcopy(model), "none", torch.device("cpu"))
+    attention = fused.trf_blocks[0].att
+    assert attention.W_qkv is not None and not hasattr(attention, "W_query")
+    torch.testing.assert_close(fused(prompts), logits, rtol=1e-6, atol=1e-6)
+    assert torch.equal(generate(fused, prompts, 2 * CFG.context_length), expected)
+
+
 def test_int8_decoding_agrees_with_fp32_on_most_greedy_tokens(model):
-    from gptpipe.quantize import quantize_for_decoding
+    from gptpipe.quantize import prepare_for_decoding
     prompts = torch.randint(0, CFG.vocab_size, (8, 3), generator=torch.Generator().manual_seed(2))
     expected = generate(model, prompts, 6)
-    quantized = quantize_for_decoding(model, "int8", torch.device("cpu"))
+    quantized = prepare_for_decoding(model, "int8", torch.device("cpu"))
     agreement = (generate(quantized, prompts, 6)[:, 3:] == expected[:, 3:]).float().mean().item()
     assert agreement >= 0.5
     with pytest.raises(PipelineError, match="sample.quantize: int8 runs on the CPU"):
-        quantize_for_decoding(model, "int8", torch.device("cuda"))
+        prepare_for_decoding(model, "int8", torch.device("cuda"))
+
+
+def test_decoding_uses_every_cpu_unless_the_environment_chose(monkeypatch):
+    from gptpipe.device import decoding_threads
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})  # 3 CPUs, torch set to 1
+    torch.set_num_threads(1)
+    try:
+        with decoding_threads(torch.device("cpu")):
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 1
+        with decoding_threads(torch.device("cuda")):  # GPU decoding: the CPU threads stay
+            assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        with decoding_threads(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,7 @@ from gptpipe.errors import PipelineError
 from gptpipe.hub import GPT2_SIZES
 from gptpipe.model import GPTConfig, GPTModel
 from gptpipe.params import load_params
+from gptpipe.tokenizer import encode, hf_tokenizer_files
 from gptpipe.weights import initial_model
 
 transformers = pytest.importorskip("transformers", reason="a test dependency: pip install -e '.[test]'")
@@ -173,6 +174,18 @@ def test_our_model_loads_in_transformers_with_the_same_logits(tmp_path, tied, qk
         assert torch.equal(lm_head, ours.out_head.weight)
     if not qkv_bias:
         assert all(not block.attn.c_attn.bias.any() for block in hf.transformer.h)
+
+
+def test_our_model_with_gpt2s_tokenizer_files_is_what_llama_cpps_converter_reads(tmp_path):
+    """What llama.cpp's convert_hf_to_gguf.py reads besides the weights: the context length under
+    GPT-2's original name n_ctx, and a tokenizer that AutoTokenizer loads (hf_tokenizer_files,
+    which bench/llama_cpp.py puts next to the model)."""
+    save_model(tmp_path, randomised(GPTModel(SMALL)), step=0)
+    assert json.loads((tmp_path / "config.json").read_text())["n_ctx"] == SMALL.context_length
+    for name, data in hf_tokenizer_files().items():
+        (tmp_path / name).write_bytes(data)
+    text = "Every effort moves you <|endoftext|> naïve"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == encode(text)
 
 
 @pytest.mark.parametrize("saved_by", ["pretrain", "transformers"])

@@ -87,6 +87,7 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
         "architectures": ["GPT2LMHeadModel"],
         "vocab_size": cfg.vocab_size,
         "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,  # GPT-2's original name, which llama.cpp's convert_hf_to_gguf.py reads
         "n_embd": cfg.emb_dim,
         "n_layer": cfg.n_layers,
         "n_head": cfg.n_heads,

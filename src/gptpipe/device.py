@@ -1,5 +1,7 @@
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -64,3 +66,32 @@ def hold_freed_memory() -> bool:
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     # no separate mappings for big blocks, and never trim the heap (a threshold of -1)
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
+
+
+def available_cpus() -> int:
+    """The CPUs (hardware threads) this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def decoding_threads(device: torch.device) -> Iterator[None]:
+    """Inside the block, on the CPU, torch's intra-op threads are every CPU this process may run
+    on, unless OMP_NUM_THREADS or MKL_NUM_THREADS chose them.
+
+    torch starts with one thread per physical core, right for compute-bound work such as
+    training. Decoding one token at a time reads every weight once per token and waits on memory,
+    and a core's second hardware thread keeps more reads in flight: where the CPUs are hardware
+    threads of fewer cores (a 2-CPU VM is often one core's two threads), torch would decode with
+    half of them, as llama.cpp does only when told to (its -t).
+    """
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        yield
+        return
+    before, wanted = torch.get_num_threads(), available_cpus()
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)

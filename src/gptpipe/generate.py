@@ -8,10 +8,12 @@ window slides, every token moves to a new position and so every key and value ch
 the cache is rebuilt from the last context_length tokens at each step.
 """
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
+from gptpipe.device import decoding_threads
 from gptpipe.model import GPTModel, KVCache, eval_mode
 from gptpipe.params import GPT2_VOCAB_SIZE, SampleParams
 from gptpipe.precision import autocast
@@ -52,26 +54,25 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def new_cache(model: GPTModel, batch_size: int, autocast_dtype: torch.dtype | None) -> KVCache:
+def new_cache(model: GPTModel, batch_size: int, autocast_dtype: torch.dtype | None,
+              static_shapes: bool = False) -> KVCache:
     """An empty cache for `model`, in the dtype its keys and values are computed in."""
     weight = model.tok_emb.weight
-    return KVCache(model.cfg, batch_size, autocast_dtype or weight.dtype, weight.device)
+    return KVCache(model.cfg, batch_size, autocast_dtype or weight.dtype, weight.device, static_shapes)
 
 
 class StepDecoder:
-    """Decodes one position per call with the same shapes every time: the new tokens and their
-    position are copied into fixed buffers, then the forward runs eagerly, or on CUDA replays
-    a CUDA graph captured once (one launch for the whole forward instead of hundreds: at batch
-    1 a 124M model on a GPU is bound by kernel launches, not by the GPU)."""
+    """Decodes one position per call on CUDA by replaying a CUDA graph captured once (one launch
+    for the whole forward instead of hundreds: at batch 1 a 124M model on a GPU is bound by
+    kernel launches, not by the GPU). Every call has the same shapes: the new tokens and their
+    position are copied into fixed buffers, and the cache has static shapes."""
 
-    def __init__(self, model: GPTModel, cache: KVCache, autocast_dtype: torch.dtype | None, graphed: bool):
+    def __init__(self, model: GPTModel, cache: KVCache, autocast_dtype: torch.dtype | None):
         self.model, self.cache, self.autocast_dtype = model, cache, autocast_dtype
         device = cache.keys.device
         self.tokens = torch.zeros(cache.keys.shape[1], 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        if graphed:  # before anything is cached: the warm-up steps write at position 0
-            self.logits = self.capture()
+        self.logits = self.capture()  # before anything is cached: the warm-up steps write at position 0
 
     def forward(self) -> torch.Tensor:
         with autocast(self.tokens.device, self.autocast_dtype):
@@ -94,13 +95,9 @@ class StepDecoder:
         """Logits (batch, vocab) after `tokens` (batch, 1), which take position len(cache)."""
         self.tokens.copy_(tokens)
         self.position.fill_(len(self.cache))
-        if self.graph is None:
-            logits = self.forward()
-        else:
-            self.graph.replay()
-            logits = self.logits.clone()
+        self.graph.replay()
         self.cache.length += 1
-        return logits
+        return self.logits.clone()
 
 
 def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None,
@@ -124,9 +121,14 @@ def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None,
     return model(new, cache)[:, -1, :].float()
 
 
-# no_grad, not inference_mode: under inference_mode autocast does not cache its casts of the
-# weights and would re-cast every weight at every token.
-@torch.no_grad()
+def no_autograd(autocast_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """inference_mode, whose ops skip the version counters and view tracking that no_grad still
+    keeps: a tenth of an int8 decoding step on 2 CPU cores (bench/README.md). Under autocast,
+    no_grad: under inference_mode autocast does not cache its casts of the weights and would
+    re-cast every weight at every token."""
+    return torch.no_grad() if autocast_dtype is not None else torch.inference_mode()
+
+
 def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None,
              generator: Generators = None, num_beams: int = 1, length_penalty: float = 1.0,
@@ -143,10 +145,11 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
         if temperature != 0.0:
             raise ValueError(f"beam search is deterministic: use temperature 0 with num_beams {num_beams}")
         return beam_search(model, idx, max_new_tokens, num_beams, length_penalty, eos_id, use_cache, autocast_dtype)
-    cache = new_cache(model, idx.shape[0], autocast_dtype) if use_cache else None
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    with eval_mode(model), autocast(idx.device, autocast_dtype):
-        decoder = StepDecoder(model, cache, autocast_dtype, graphed=idx.device.type == "cuda") if cache else None
+    graphed = use_cache and idx.device.type == "cuda"
+    with no_autograd(autocast_dtype), eval_mode(model), autocast(idx.device, autocast_dtype):
+        cache = new_cache(model, idx.shape[0], autocast_dtype, static_shapes=graphed) if use_cache else None
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        decoder = StepDecoder(model, cache, autocast_dtype) if graphed else None
         for _ in range(max_new_tokens):
             logits = next_logits(model, idx, cache, decoder)
             token = next_token(logits, temperature, top_k, top_p, generator)
@@ -156,7 +159,7 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
             idx = torch.cat([idx, token], dim=1)
             if finished.all():
                 break
-    return idx
+    return idx.clone()  # a normal tensor again, which autograd may save (an inference tensor it may not)
 
 
 @torch.no_grad()
@@ -223,14 +226,16 @@ def sample_texts(model: GPTModel, opts: SampleParams, device: torch.device,
                  autocast_dtype: torch.dtype | None = None) -> list[str]:
     """What the sample stage writes: opts.num_samples continuations of opts.prompt (the prompt
     included), each ending before <|endoftext|>. Sample i draws with seed opts.seed + i, the
-    samples decoded together as one batch (the weights are read once per step for all)."""
+    samples decoded together as one batch (the weights are read once per step for all), on the CPU
+    with every CPU's thread (device.decoding_threads)."""
     prompt = encode_prompt(opts.prompt)
     eos_id = gpt2_encoding().eot_token
     batch_size = 1 if opts.num_beams > 1 else opts.num_samples  # beam search is deterministic
-    rows = generate(model, torch.tensor([prompt] * batch_size, device=device), opts.max_new_tokens,
-                    temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, eos_id=eos_id,
-                    generator=[torch.Generator(device=device).manual_seed(opts.seed + i) for i in range(batch_size)],
-                    num_beams=opts.num_beams, length_penalty=opts.length_penalty, autocast_dtype=autocast_dtype)
+    with decoding_threads(device):
+        rows = generate(model, torch.tensor([prompt] * batch_size, device=device), opts.max_new_tokens,
+                        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, eos_id=eos_id,
+                        generator=[torch.Generator(device=device).manual_seed(opts.seed + i) for i in range(batch_size)],
+                        num_beams=opts.num_beams, length_penalty=opts.length_penalty, autocast_dtype=autocast_dtype)
     rows = [rows[0]] * opts.num_samples if opts.num_beams > 1 else rows
     texts = []
     for row in rows:

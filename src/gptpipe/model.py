@@ -43,7 +43,9 @@ class Dropout(nn.Dropout):
     cheap_masks: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cheap_masks and self.training and self.p > 0:
+        if not self.training or self.p == 0:  # what nn.Dropout returns then, without its call
+            return x
+        if self.cheap_masks:
             return cheap_dropout(x, self.p)
         return super().forward(x)
 
@@ -53,15 +55,19 @@ class KVCache(nn.Module):
     the whole context: (layers, batch, heads, context_length, head_dim).
 
     Each step writes its positions in place (no concatenation, no new memory) and attends over
-    the whole buffer through a mask of the positions filled, so every step of a decoding has
-    the same shapes: what CUDA graphs (torch.compile's reduce-overhead mode) need. The next
-    position fed to the model is len(cache). Masked positions get exactly zero attention, so
-    the results are those of attending over the filled positions only.
+    the positions filled so far; a single new token needs no mask. With `static_shapes`, it
+    attends over the whole buffer through a mask of the positions filled instead, so that
+    every step of a decoding has the same shapes: what CUDA graphs need (the caller then passes
+    the positions and keeps len(cache)). Masked positions get exactly zero attention, so both
+    give the results of attending over the filled positions only; on the CPU, attending over a
+    256-position buffer at every token cost 13% of a decoding step (bench/README.md).
+    The next position fed to the model is len(cache).
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", static_shapes: bool = False):
         super().__init__()
+        self.static_shapes = static_shapes
         shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.context_length, cfg.emb_dim // cfg.n_heads)
         # zeros, not empty: a masked position's weight is 0, and 0 × NaN garbage would be NaN
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device))
@@ -83,11 +89,17 @@ class KVCache(nn.Module):
     def update(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write the keys and values (batch, heads, len(positions), head_dim) of `positions`;
-        return the layer's whole buffers and the mask (len(positions), context) of what each
-        of those positions may attend to: itself and the positions before it."""
+        return the keys and values to attend over and the mask (len(positions), keys) of what
+        each of those positions may attend to, itself and the positions before it (None: all).
+        Without static shapes those are the first len(cache) positions, which the model's
+        forward has already counted the new ones into."""
         self.keys[layer].index_copy_(2, positions, keys)
         self.values[layer].index_copy_(2, positions, values)
-        return self.keys[layer], self.values[layer], self.key_positions <= positions[:, None]
+        if self.static_shapes:
+            return self.keys[layer], self.values[layer], self.key_positions <= positions[:, None]
+        end = self.length
+        mask = None if len(positions) == 1 else self.key_positions[:end] <= positions[:, None]
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end], mask
 
 
 class MultiHeadAttention(nn.Module):
@@ -105,6 +117,22 @@ class MultiHeadAttention(nn.Module):
         self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.W_qkv: nn.Linear | None = None  # set by fuse_qkv
+
+    def fuse_qkv(self) -> None:
+        """Replace the query, key and value projections by one Linear that computes the three
+        side by side: one matrix product per layer instead of three, for decoding, where a
+        token's products are small and each call's fixed cost counts. The state dict then holds
+        W_qkv instead of the book's three names."""
+        projections = (self.W_query, self.W_key, self.W_value)
+        fused = nn.Linear(self.W_query.in_features, 3 * self.W_query.out_features, bias=self.W_query.bias is not None,
+                          device=self.W_query.weight.device, dtype=self.W_query.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([w.weight for w in projections]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([w.bias for w in projections]))
+        self.W_qkv = fused
+        del self.W_query, self.W_key, self.W_value
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -113,7 +141,10 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = (self.split_heads(w(x)) for w in (self.W_query, self.W_key, self.W_value))
+        if self.W_qkv is not None:  # (b, t, 3 * d) -> three (b, heads, t, head_dim) views
+            q, k, v = self.W_qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (self.split_heads(w(x)) for w in (self.W_query, self.W_key, self.W_value))
         dropout_p = self.dropout.p if self.training else 0.0
         if cache is not None:
             k, v, mask = cache.update(layer, positions, k, v)
@@ -192,6 +223,11 @@ class GPTModel(nn.Module):
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
 
+    def fuse_qkv(self) -> None:
+        """Every attention's three projections as one (MultiHeadAttention.fuse_qkv)."""
+        for block in self.trf_blocks:
+            block.att.fuse_qkv()
+
     def use_book_dropout(self, enabled: bool) -> None:
         """Attention dropout in the book's order and random stream on every device (see
         MultiHeadAttention.book_dropout)."""
@@ -211,9 +247,11 @@ class GPTModel(nn.Module):
 
         With a cache, `idx` holds only the new tokens: they take positions len(cache) onwards,
         attend to the cached ones as well, and their keys and values are added to the cache.
-        Given `positions` (a tensor, as a captured CUDA graph needs), they take those instead,
-        and keeping len(cache) is the caller's part.
+        Given `positions` (a tensor, as a captured CUDA graph needs; the cache must then have
+        static shapes), they take those instead, and keeping len(cache) is the caller's part.
         """
+        if positions is not None and cache is not None and not cache.static_shapes:
+            raise ValueError("explicit positions need a KVCache with static_shapes=True")
         if positions is None:
             past = 0 if cache is None else len(cache)
             if past + idx.shape[1] > self.cfg.context_length:

@@ -3,12 +3,17 @@ CPU decoding is bound by memory, not arithmetic.
 
 `int8` stores each nn.Linear's weight as int8 with a scale per output channel and quantizes
 the activations on the fly (dynamic quantization), through torch's own quantized kernels
-(fbgemm: AVX2, AVX-512 VNNI). torchao, its announced successor, was measured too
-(`python bench/bench_generate.py --torchao`): in eager mode its CPU int8 paths were slower
-than fp32 on an AVX2 CPU, since they rely on torch.compile to generate fused kernels, and
-compiling costs more than a sample stage's whole run. torch
-2.13 (pinned by this project) ships the fbgemm path, marked deprecated; bench/README.md
-lists its speed, its agreement with fp32's tokens and its effect on the loss.
+(fbgemm: AVX2, AVX-512 VNNI). The attention's query, key and value projections are first fused
+into one (GPTModel.fuse_qkv), as they are for fp32 decoding on the CPU: a token's matrix
+products are small enough that each call's fixed cost counts. Of torch's int8 kernels, fbgemm's
+was the fastest per token (bench/README.md): `torch.ops.aten._weight_int8pack_mm` (int8
+weights, bf16 activations; `python bench/bench_generate.py --int8pack`) and torchao's eager int8
+(`--torchao`) were slower, torchao's since its CPU kernels come from torch.compile, and
+compiling costs more than a sample stage's whole run. The weights are packed for fbgemm here
+rather than through torch.ao.quantization.quantize_dynamic, whose modules pack each weight three
+times (a second of the sample stage's start). torch 2.13 (pinned by this project) ships the
+fbgemm path, marked deprecated; bench/README.md lists its speed, its agreement with fp32's
+tokens and its effect on the loss.
 """
 
 import warnings
@@ -19,13 +24,46 @@ from gptpipe.errors import PipelineError
 from gptpipe.model import GPTModel
 
 
-def quantize_for_decoding(model: GPTModel, mode: str, device: torch.device) -> torch.nn.Module:
-    """`model` with int8 linear layers for `mode` int8, or unchanged for `none`."""
-    if mode == "none":
-        return model
-    if device.type != "cpu":
-        raise PipelineError(f"sample.quantize: {mode} runs on the CPU's int8 kernels, and the model is on "
+class Int8Linear(torch.nn.Module):
+    """An nn.Linear with its weight in int8, a symmetric scale per output channel (as torch's
+    per-channel weight observer chooses it), packed for fbgemm; activations quantized per call."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        scales = (weight.abs().amax(dim=1) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are marked deprecated in torch 2.13
+            qweight = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
+                                                 torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach()
+        self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range: 7-bit activations, so that AVX2's 16-bit sums of u8 x s8 pairs cannot saturate
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+
+
+def to_int8(module: torch.nn.Module) -> None:
+    """Replace every nn.Linear inside `module` by an Int8Linear, one at a time (each fp32 weight
+    is freed as soon as its int8 copy exists)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, Int8Linear(child))
+        else:
+            to_int8(child)
+
+
+def prepare_for_decoding(model: GPTModel, quantize: str, device: torch.device) -> torch.nn.Module:
+    """`model` as the sample stage decodes with it, changed in place: on the CPU with the query,
+    key and value projections fused (fp32 computes the same dot products, so the same tokens),
+    and for `quantize` int8 with int8 linear layers (CPU only)."""
+    if quantize != "none" and device.type != "cpu":
+        raise PipelineError(f"sample.quantize: {quantize} runs on the CPU's int8 kernels, and the model is on "
                             f"{device}: set sample.quantize to none, or train.device to cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the deprecation notice of torch.ao.quantization
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    if device.type == "cpu":
+        model.fuse_qkv()
+    if quantize == "int8":
+        to_int8(model)
+    return model

