@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a model of the pipeline, e.g. data/model (default: random weights)")
     parser.add_argument("--prompt", default="Every effort moves you")
     parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=8, help="sampled continuations, one after another and as a batch (at least 2)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true", help=f"a tiny model ({SMALL}) for a smoke test")
     parser.add_argument("--bf16", action="store_true", help="also bf16 autocast (slow where bf16 is emulated)")
@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--llama-rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/generate.json")
     args = parser.parse_args()
+    if args.samples < 2:
+        parser.error("--samples must be at least 2: the batch of samples is compared with the samples one after another")
 
     torch.set_num_threads(args.threads)
     book, ours = models(args)
