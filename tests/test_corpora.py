@@ -8,6 +8,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,35 @@ def test_a_dataset_by_name_through_the_hub_then_offline_from_its_cache(shards, t
         assert json.loads((ws / "eval.json").read_text())["val"]["tokens"] > 0
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "online/tokens" / name).read_bytes() == (tmp_path / "offline/tokens" / name).read_bytes()
+
+
+DOWNLOAD_MEMORY = """
+import os, sys, tracemalloc
+from standin_hub import Repos, standin_hub
+shard = os.urandom(24 << 20)
+repos = Repos(files={"datasets/org/big": {"data/a.jsonl.zst": shard, "data/b.jsonl.zst": shard[::-1]}})
+with standin_hub(repos) as endpoint:
+    os.environ.update(HF_ENDPOINT=endpoint, HF_HOME=sys.argv[1], NO_PROXY="127.0.0.1")
+    from gptpipe import hub  # huggingface_hub reads HF_* when imported
+    from gptpipe.sources import HubFiles
+    tracemalloc.start()
+    _, found = hub.dataset_files(HubFiles("org/big", "main", "data/*"), "data.url", None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert sorted(path.read_bytes() for _, path in found) == sorted([shard, shard[::-1]])
+    print(peak)
+"""
+
+
+def test_dataset_files_download_a_chunk_at_a_time_not_ten_megabytes(tmp_path):
+    """Two 24 MB shards through huggingface_hub: the Python memory the download holds (the
+    stand-in Hub's included) stays a few MB, where huggingface_hub's 10 MB chunks held 56 MB."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    environment["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(Path(corpus.__file__).parents[1])])
+    result = subprocess.run([sys.executable, "-c", DOWNLOAD_MEMORY, str(tmp_path / "hf")], capture_output=True,
+                            text=True, env=environment, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) < 16e6
 
 
 def test_a_hub_files_sha256_is_the_one_the_hub_gives_and_a_damaged_copy_says_how_to_clear_it(shards, tmp_path):

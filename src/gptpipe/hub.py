@@ -38,10 +38,12 @@ GPT2_SIZES = {
 }
 HUB_ID = re.compile(r"(?P<repo>gpt2(?:-medium|-large|-xl)?|[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 COMMIT = re.compile(r"[0-9a-f]{40}")
-# Dataset files downloaded at once. huggingface_hub's default, 8, held ~35 MB per download
-# (10 MB read buffers) and the stage's peak grew with the shards' size up to ~350 MB; 2 hold
-# ~120 MB however large the shards, and were as fast over localhost (bench/bench_corpus.py).
+# Dataset files downloaded at once, and the bytes each reads at a time. huggingface_hub's
+# defaults, 8 downloads of 10 MB chunks (each chunk gathered in a buffer, then copied out), made
+# the stage's peak 250-350 MB, higher the longer the downloads overlapped; 2 of 1 MiB keep it
+# under 50 MB however large the shards, as fast over localhost (bench/bench_corpus.py).
 DATASET_DOWNLOADS = 2
+DATASET_CHUNK_BYTES = 1 << 20
 # Names that are files, not repositories: a missing local checkpoint is reported as such.
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".json")
 
@@ -114,8 +116,9 @@ def dataset_files(files: HubFiles, key: str, max_bytes: int | None) -> tuple[str
                 raise PipelineError(f"{where}: its {len(planned)} file(s) hold {total:,} bytes, more than "
                                     f"data.max_bytes={max_bytes}; if that is intended, raise data.max_bytes "
                                     f"(or set it to null), e.g. `dvc exp run -S data.max_bytes={2 * total}`")
-        folder = Path(snapshot_download(files.repo, repo_type="dataset", revision=revision,
-                                        allow_patterns=files.pattern, max_workers=DATASET_DOWNLOADS))
+        with download_chunks(DATASET_CHUNK_BYTES):
+            folder = Path(snapshot_download(files.repo, repo_type="dataset", revision=revision,
+                                            allow_patterns=files.pattern, max_workers=DATASET_DOWNLOADS))
     names = sorted(filter_repo_objects((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
                                        allow_patterns=files.pattern))
     if not names:
@@ -152,6 +155,17 @@ def cache_fix(path: Path) -> str:
     blob = path.resolve()
     where = f"{path} and its blob {blob}" if blob != path else str(path)
     return f"delete {where} from the Hugging Face cache, then run the pipeline again (the file is downloaded anew)"
+
+
+@contextmanager
+def download_chunks(size: int) -> Iterator[None]:
+    """huggingface_hub's downloads read `size` bytes at a time inside the block (it reads the
+    module constant at each download; there is no argument for it)."""
+    default, constants.DOWNLOAD_CHUNK_SIZE = constants.DOWNLOAD_CHUNK_SIZE, size
+    try:
+        yield
+    finally:
+        constants.DOWNLOAD_CHUNK_SIZE = default
 
 
 @contextmanager
