@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import _library  # noqa: F401  (this checkout's library first)
 from gptpipe import cli
-from gptpipe.corpus import available_cores, tokenize_corpus
+from gptpipe.corpus import tokenize_corpus
 from gptpipe.params import load_params
 
 log = logging.getLogger("tokenize")
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--corpus", default="data/raw",
                         help="the download stage's folder (sources.json), or one text, JSON-lines or Parquet file")
     parser.add_argument("--out", default="data/tokens", help="directory for <split>.bin and meta.json")
-    parser.add_argument("--workers", type=cli.positive_int, default=available_cores(),
+    parser.add_argument("--workers", type=cli.positive_int, default=cli.available_cpus(),
                         help="encoding processes, at least 1 (the ids do not depend on it)")
     args = parser.parse_args(argv)
     data = load_params(args.params).data

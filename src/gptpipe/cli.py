@@ -1,4 +1,5 @@
-"""What every stage script shares: argument parsing conventions and error reporting.
+"""What every stage script shares: argument parsing conventions, error reporting, the CPUs it
+may use.
 
 `run` is the one place where a stage's failures become one `error:` line and exit status 1:
 a PipelineError, any OSError (gptpipe.errors.os_error_message), running out of memory, bad
@@ -10,6 +11,7 @@ the previous outputs stay in place (pretrain catches both signals itself, to sav
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +31,12 @@ class StageArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """A bad option is a failure like a bad param: one line, exit status 1 (argparse: 2, with usage)."""
         raise PipelineError(f"{message}; see --help")
+
+
+def available_cpus() -> int:
+    """The CPUs (hardware threads) this process may run on: its affinity mask, which a
+    container's or taskset's limit sets, else all of the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parser(description: str) -> argparse.ArgumentParser:

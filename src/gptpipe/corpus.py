@@ -26,7 +26,6 @@ of any other file are read by the stage's process and handed over in chunks. The
 process writes the ids in order.
 """
 
-import os
 import re
 import signal
 import threading
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from gptpipe.cli import available_cpus
 from gptpipe.documents import BadRows, RowRules, document_blocks, parquet_documents
 from gptpipe.download import hash_local
 from gptpipe.errors import PipelineError
@@ -69,10 +69,6 @@ MAX_ROW_GROUP_CHARS = 1 << 23
 # [ \t\n\r] are space to Python and to tiktoken's regex alike; Python's \S (not str.isspace)
 # is the stricter non-space: Unicode's White_Space, tiktoken's \s, is a subset of isspace.
 SAFE_CUT = re.compile(r"(?<=\S)[ \t\n\r]")
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cut_chunks(text: str, chunk_chars: int) -> tuple[list[str], str]:
@@ -453,7 +449,7 @@ def tokenize_corpus(corpus: str | Path, out_dir: str | Path, train_ratio: float,
         import pyarrow.parquet  # noqa: F401
     with written_together(), ExitStack() as stack:  # the token files and meta.json land together
         # one pool for both passes: on an error its processes stop when the block unwinds
-        workers = workers or available_cores()
+        workers = workers or available_cpus()
         pool = stack.enter_context(encoding_pool(workers))
         streams, held = scan(files, rules, pool, window=2 * workers)
         names = plan(streams, train_ratio, test_ratio)

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import torch
 
+from gptpipe.cli import available_cpus
 from gptpipe.errors import PipelineError
 
 
@@ -66,11 +67,6 @@ def hold_freed_memory() -> bool:
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     # no separate mappings for big blocks, and never trim the heap (a threshold of -1)
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
-
-
-def available_cpus() -> int:
-    """The CPUs (hardware threads) this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager
