@@ -23,7 +23,6 @@ GPT2 = tiktoken.get_encoding("gpt2")
 CPU = torch.device("cpu")
 
 
-
 def target_bytes(tokens: np.ndarray, context_length: int, stride: int) -> int:
     """The UTF-8 bytes of every window's targets, decoded by tiktoken."""
     windows = TokenWindows(tokens, context_length, stride)

@@ -80,8 +80,6 @@ def cut_chunks(text: str, chunk_chars: int) -> tuple[list[str], str]:
     return chunks, text[start:]
 
 
-
-
 def corpus_files(corpus: Path) -> list[tuple[CorpusFile, Path]]:
     """Each file of the corpus and where its bytes are on this machine: the files of the download
     stage's manifest when `corpus` is its folder (a Hub file is fetched into huggingface_hub's
@@ -316,8 +314,7 @@ def encode_row_groups(path: Path, name: str, rules: RowRules, row_groups: list[i
     texts = (text for _, batch in parquet_documents(path, name, rules, row_groups) for text in batch)
     encoded = []
     for split, count in splits:
-        documents = list(islice(texts, count))
-        encoded.append((split, *encode_texts(documents, [True] * count), sum(map(len, documents))))
+        encoded += encode_piece(split, list(islice(texts, count)), [True] * count)
     return encoded
 
 
