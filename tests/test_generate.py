@@ -9,8 +9,9 @@ from conftest import run_stage, stage_args, write_params
 from gptpipe.checkpoint import save_model
 from gptpipe.errors import PipelineError
 from gptpipe.generate import beam_search, generate, next_logits, next_token
-from gptpipe.model import GPTConfig, GPTModel, KVCache
+from gptpipe.model import GPTConfig, GPTModel, KVCache, TokenStep
 from gptpipe.params import load_params
+from gptpipe.quantize import to_int8
 
 CFG = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 
@@ -105,6 +106,43 @@ def test_static_shape_cache_equals_the_cache_of_filled_positions(model):
         static.length += 1
     with pytest.raises(ValueError, match="static_shapes"):
         model(idx[:, :1], KVCache(CFG, 2), positions=torch.tensor([0]))
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8", "bf16 autocast"])
+@torch.inference_mode()
+def test_token_step_gives_the_forwards_logits_and_cache_bit_for_bit(model, mode):
+    model.eval()
+    model.fuse_qkv()
+    if mode == "int8":
+        to_int8(model)
+    dtype = torch.bfloat16 if mode == "bf16 autocast" else torch.float32
+    idx = torch.randint(0, CFG.vocab_size, (2, CFG.context_length), generator=torch.Generator().manual_seed(3))
+    by_forward, by_step = KVCache(CFG, 2, dtype), KVCache(CFG, 2, dtype)
+    step = TokenStep(model, by_step)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16 autocast"):
+        for t in range(CFG.context_length):
+            expected = model(idx[:, t:t + 1], by_forward)[:, -1]
+            assert torch.equal(step(idx[:, t:t + 1]), expected)
+        with pytest.raises(ValueError, match="longer than the context length"):
+            step(idx[:, :1])
+    assert len(by_step) == len(by_forward) == CFG.context_length
+    assert torch.equal(by_step.keys, by_forward.keys) and torch.equal(by_step.values, by_forward.values)
+
+
+def test_generation_decodes_through_token_step_where_it_applies(model, monkeypatch):
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    by_modules = generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    steps = []
+    call = TokenStep.__call__
+    monkeypatch.setattr(TokenStep, "__call__", lambda self, tokens: steps.append(1) or call(self, tokens))
+    assert torch.equal(generate(model, prompt, 4), generate(model, prompt, 4, use_cache=False)) and not steps
+    model.fuse_qkv()  # as the sample stage decodes on the CPU
+    fused = generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    # one step per token while the context has room (positions 3 to 7); once the window slides,
+    # the forward rebuilds the cache at every token
+    assert torch.equal(fused, by_modules) and len(steps) == CFG.context_length - prompt.shape[1]
+    assert TokenStep.usable(model.train(), KVCache(CFG, 1)) is False
+    assert TokenStep.usable(model.eval(), KVCache(CFG, 1, static_shapes=True)) is False
 
 
 @pytest.mark.parametrize("prompt_len", [3, CFG.context_length, CFG.context_length + 3])

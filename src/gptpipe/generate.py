@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from gptpipe.device import decoding_threads
-from gptpipe.model import GPTModel, KVCache, eval_mode
+from gptpipe.model import GPTModel, KVCache, TokenStep, eval_mode
 from gptpipe.params import GPT2_VOCAB_SIZE, SampleParams
 from gptpipe.precision import autocast
 from gptpipe.tokenizer import decode, encode_prompt, gpt2_encoding
@@ -100,8 +100,19 @@ class StepDecoder:
         return self.logits.clone()
 
 
+def token_decoder(model: GPTModel, cache: KVCache | None,
+                  autocast_dtype: torch.dtype | None) -> StepDecoder | TokenStep | None:
+    """What decodes one new token per row fastest on this model and cache: a CUDA graph on CUDA,
+    TokenStep where it applies, otherwise None (the model's forward)."""
+    if cache is None:
+        return None
+    if cache.static_shapes and cache.keys.device.type == "cuda":
+        return StepDecoder(model, cache, autocast_dtype)
+    return TokenStep(model, cache) if TokenStep.usable(model, cache) else None
+
+
 def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None,
-                decoder: StepDecoder | None = None) -> torch.Tensor:
+                decoder: StepDecoder | TokenStep | None = None) -> torch.Tensor:
     """Logits (batch, vocab) of the token after `idx` (batch, seq), as the full forward over the
     last context_length tokens gives them.
 
@@ -117,7 +128,7 @@ def next_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None,
         idx = idx[:, -context_length:]
     new = idx[:, len(cache):]
     if decoder is not None and new.shape[1] == 1:
-        return decoder(new)
+        return decoder(new).float()
     return model(new, cache)[:, -1, :].float()
 
 
@@ -149,7 +160,7 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
     with no_autograd(autocast_dtype), eval_mode(model), autocast(idx.device, autocast_dtype):
         cache = new_cache(model, idx.shape[0], autocast_dtype, static_shapes=graphed) if use_cache else None
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        decoder = StepDecoder(model, cache, autocast_dtype) if graphed else None
+        decoder = token_decoder(model, cache, autocast_dtype)
         for _ in range(max_new_tokens):
             logits = next_logits(model, idx, cache, decoder)
             token = next_token(logits, temperature, top_k, top_p, generator)
@@ -197,8 +208,9 @@ def beam_search(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, num_bea
             best = (score, sequence)
 
     with eval_mode(model), autocast(idx.device, autocast_dtype):
+        decoder = token_decoder(model, cache, autocast_dtype)
         for _ in range(max_new_tokens):
-            log_probs = torch.log_softmax(next_logits(model, beams, cache)[:, :GPT2_VOCAB_SIZE], dim=-1)
+            log_probs = torch.log_softmax(next_logits(model, beams, cache, decoder)[:, :GPT2_VOCAB_SIZE], dim=-1)
             candidates = beam_scores[:, None] + log_probs  # (live beams, vocab)
             if eos_id is not None:  # beams ending here all have the same length: the best one may win
                 row = int(candidates[:, eos_id].argmax())

@@ -81,6 +81,14 @@ class KVCache(nn.Module):
     def clear(self) -> None:
         self.length = 0  # stale entries are masked until overwritten
 
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the keys and values (batch, heads, head_dim) of the one position len(cache) - 1
+        (TokenStep has counted it in already); return those of every position so far."""
+        end = self.length
+        self.keys[layer, :, :, end - 1] = keys
+        self.values[layer, :, :, end - 1] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the batch rows `index` (repeats allowed): beam search's surviving beams."""
         self.keys = self.keys.index_select(1, index)
@@ -267,6 +275,48 @@ class GPTModel(nn.Module):
             for layer, block in enumerate(self.trf_blocks):
                 x = block(x, cache, layer, positions)
         return self.out_head(self.final_norm(x))
+
+
+class TokenStep:
+    """The model's forward for one new token per row at position len(cache), its ops called
+    directly on tensors and layers looked up once, instead of through the modules: decoding on
+    the CPU runs ~15 small ops a layer per token, and the Python around them (module calls,
+    attribute lookups) cost a tenth of an int8 token (bench/README.md "Generation"). Gives
+    what forward(tokens, cache)[:, -1] gives, bit for bit (tests/test_generate.py). Made for a
+    model in eval mode with fused query/key/value projections (GPTModel.fuse_qkv) and a cache
+    without static shapes: `usable` says whether this model and cache are such."""
+
+    def __init__(self, model: GPTModel, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.heads, self.width = model.cfg.n_heads, model.cfg.emb_dim
+        self.layers = [(block.norm1, block.att.W_qkv.forward, block.att.out_proj.forward, block.norm2,
+                        block.ff.layers[0].forward, block.ff.layers[1].approximate, block.ff.layers[2].forward)
+                       for block in model.trf_blocks] if self.usable(model, cache) else []
+
+    @staticmethod
+    def usable(model: GPTModel, cache: KVCache) -> bool:
+        return not model.training and not cache.static_shapes and model.trf_blocks[0].att.W_qkv is not None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, vocab) after `tokens` (batch, 1), which are added to the cache."""
+        model, cache, width = self.model, self.cache, self.width
+        position = len(cache)
+        if position + 1 > model.cfg.context_length:
+            raise ValueError(f"sequence of {position + 1} tokens is longer than the context length "
+                             f"{model.cfg.context_length}")
+        cache.length = position + 1
+        batch = tokens.shape[0]
+        x = model.tok_emb.weight[tokens] + model.pos_emb.weight[position]  # (batch, 1, emb)
+        for layer, (norm1, qkv, out_proj, norm2, up, gelu, down) in enumerate(self.layers):
+            normed = F.layer_norm(x, (width,), norm1.weight, norm1.bias, norm1.eps)
+            q, k, v = qkv(normed).view(batch, 3, self.heads, -1).unbind(1)  # (batch, heads, head_dim) each
+            keys, values = cache.append(layer, k, v)
+            attended = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values)
+            x = x + out_proj(attended.view(batch, 1, width))
+            normed = F.layer_norm(x, (width,), norm2.weight, norm2.bias, norm2.eps)
+            x = x + down(F.gelu(up(normed), approximate=gelu))
+        final = model.final_norm
+        return model.out_head(F.layer_norm(x, (width,), final.weight, final.bias, final.eps))[:, -1]
 
 
 @contextlib.contextmanager
