@@ -17,9 +17,11 @@ tokens and its effect on the loss.
 """
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from gptpipe.cli import available_cpus
 from gptpipe.errors import PipelineError
 from gptpipe.model import GPTModel
 
@@ -31,11 +33,10 @@ class Int8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         weight = linear.weight.detach()
-        scales = (weight.abs().amax(dim=1) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensors are marked deprecated in torch 2.13
-            qweight = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
-                                                 torch.qint8)
+        largest = torch.linalg.vector_norm(weight, float("inf"), dim=1)  # max |w| per row, without an |w| copy
+        scales = (largest / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+        qweight = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
+                                             torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach()
         self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -46,13 +47,20 @@ class Int8Linear(torch.nn.Module):
 
 
 def to_int8(module: torch.nn.Module) -> None:
-    """Replace every nn.Linear inside `module` by an Int8Linear, one at a time (each fp32 weight
-    is freed as soon as its int8 copy exists)."""
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Linear):
-            setattr(module, name, Int8Linear(child))
-        else:
-            to_int8(child)
+    """Replace every nn.Linear inside `module` by an Int8Linear, on every CPU at once (fbgemm packs
+    a weight on one thread: 1.1 s of the sample stage on 2 CPUs, 0.65 s so), each fp32 weight
+    freed as soon as its int8 copy is in its place."""
+    places = [(parent, name) for parent in module.modules()
+              for name, child in parent.named_children() if isinstance(child, torch.nn.Linear)]
+
+    def replace(place: tuple[torch.nn.Module, str]) -> None:
+        parent, name = place
+        setattr(parent, name, Int8Linear(getattr(parent, name)))
+
+    with warnings.catch_warnings(), ThreadPoolExecutor(available_cpus()) as pool:
+        warnings.simplefilter("ignore")  # quantized tensors are marked deprecated in torch 2.13
+        # (here, not in the threads: catch_warnings changes the whole process's filters)
+        list(pool.map(replace, places))
 
 
 def prepare_for_decoding(model: GPTModel, quantize: str, device: torch.device) -> torch.nn.Module:
