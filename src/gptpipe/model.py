@@ -5,8 +5,9 @@ the parameters are initialised to the same values (nn.Linear and nn.Embedding de
 """
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -287,10 +288,13 @@ class TokenStep:
     without static shapes: `usable` says whether this model and cache are such."""
 
     def __init__(self, model: GPTModel, cache: KVCache):
-        self.model, self.cache = model, cache
+        self.cache, self.context_length = cache, model.cfg.context_length
         self.heads, self.width = model.cfg.n_heads, model.cfg.emb_dim
-        self.layers = [(block.norm1, block.att.W_qkv.forward, block.att.out_proj.forward, block.norm2,
-                        block.ff.layers[0].forward, block.ff.layers[1].approximate, block.ff.layers[2].forward)
+        self.embeddings = model.tok_emb.weight, model.pos_emb.weight
+        self.final_norm, self.out_head = layer_norm_args(model.final_norm), direct_call(model.out_head)
+        self.layers = [(layer_norm_args(block.norm1), direct_call(block.att.W_qkv), direct_call(block.att.out_proj),
+                        layer_norm_args(block.norm2), direct_call(block.ff.layers[0]), block.ff.layers[1].approximate,
+                        direct_call(block.ff.layers[2]))
                        for block in model.trf_blocks] if self.usable(model, cache) else []
 
     @staticmethod
@@ -299,24 +303,36 @@ class TokenStep:
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, vocab) after `tokens` (batch, 1), which are added to the cache."""
-        model, cache, width = self.model, self.cache, self.width
+        cache, width = self.cache, self.width
         position = len(cache)
-        if position + 1 > model.cfg.context_length:
+        if position + 1 > self.context_length:
             raise ValueError(f"sequence of {position + 1} tokens is longer than the context length "
-                             f"{model.cfg.context_length}")
+                             f"{self.context_length}")
         cache.length = position + 1
         batch = tokens.shape[0]
-        x = model.tok_emb.weight[tokens] + model.pos_emb.weight[position]  # (batch, 1, emb)
+        token_embedding, position_embedding = self.embeddings
+        x = token_embedding[tokens] + position_embedding[position]  # (batch, 1, emb)
         for layer, (norm1, qkv, out_proj, norm2, up, gelu, down) in enumerate(self.layers):
-            normed = F.layer_norm(x, (width,), norm1.weight, norm1.bias, norm1.eps)
-            q, k, v = qkv(normed).view(batch, 3, self.heads, -1).unbind(1)  # (batch, heads, head_dim) each
+            q, k, v = qkv(F.layer_norm(x, *norm1)).view(batch, 3, self.heads, -1).unbind(1)  # (batch, heads, head_dim)
             keys, values = cache.append(layer, k, v)
             attended = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values)
             x = x + out_proj(attended.view(batch, 1, width))
-            normed = F.layer_norm(x, (width,), norm2.weight, norm2.bias, norm2.eps)
-            x = x + down(F.gelu(up(normed), approximate=gelu))
-        final = model.final_norm
-        return model.out_head(F.layer_norm(x, (width,), final.weight, final.bias, final.eps))[:, -1]
+            x = x + down(F.gelu(up(F.layer_norm(x, *norm2)), approximate=gelu))
+        return self.out_head(F.layer_norm(x, *self.final_norm))[:, -1]
+
+
+def layer_norm_args(norm: nn.LayerNorm) -> tuple:
+    """F.layer_norm's arguments after the input, for `norm`: its parameters looked up once (each
+    lookup of a module's parameter goes through nn.Module.__getattr__, after a failed attribute
+    lookup that formats an error message)."""
+    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
+
+
+def direct_call(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`layer` as a function, without nn.Module's call and, for nn.Linear, its parameter lookups."""
+    if type(layer) is nn.Linear:
+        return functools.partial(F.linear, weight=layer.weight, bias=layer.bias)
+    return layer.forward
 
 
 @contextlib.contextmanager
