@@ -51,7 +51,7 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Keys and values of the positions a generation has seen, per layer, in buffers made for
     the whole context: (layers, batch, heads, context_length, head_dim).
 
@@ -62,18 +62,19 @@ class KVCache(nn.Module):
     the positions and keeps len(cache)). Masked positions get exactly zero attention, so both
     give the results of attending over the filled positions only; on the CPU, attending over a
     256-position buffer at every token cost 13% of a decoding step (bench/README.md).
-    The next position fed to the model is len(cache).
+    The next position fed to the model is len(cache). A plain object, not an nn.Module: a
+    module's buffer is found through nn.Module.__getattr__ after a failed lookup that formats an
+    error message, and a decoding step reads the buffers four times a layer.
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", static_shapes: bool = False):
-        super().__init__()
         self.static_shapes = static_shapes
         shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.context_length, cfg.emb_dim // cfg.n_heads)
         # zeros, not empty: a masked position's weight is 0, and 0 × NaN garbage would be NaN
-        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device))
-        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device))
-        self.register_buffer("key_positions", torch.arange(cfg.context_length, device=device))
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_positions = torch.arange(cfg.context_length, device=device)
         self.length = 0
 
     def __len__(self) -> int:
