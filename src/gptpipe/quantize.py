@@ -52,7 +52,7 @@ class Int8Linear(torch.nn.Module):
 
 def to_int8(module: torch.nn.Module) -> None:
     """Replace every nn.Linear inside `module` by an Int8Linear, on every CPU at once (fbgemm packs
-    a weight on one thread: 1.1 s of the sample stage on 2 CPUs, 0.65 s so), each fp32 weight
+    a weight on one thread: 1.1 s of the sample stage on 2 CPUs, 0.7 s so), each fp32 weight
     freed as soon as its int8 copy is in its place."""
     places = [(parent, name) for parent in module.modules()
               for name, child in parent.named_children() if isinstance(child, torch.nn.Linear)]
