@@ -143,6 +143,8 @@ def test_generation_decodes_through_token_step_where_it_applies(model, monkeypat
     assert torch.equal(fused, by_modules) and len(steps) == CFG.context_length - prompt.shape[1]
     assert TokenStep.usable(model.train(), KVCache(CFG, 1)) is False
     assert TokenStep.usable(model.eval(), KVCache(CFG, 1, static_shapes=True)) is False
+    with pytest.raises(ValueError, match="eval mode with fused"):
+        TokenStep(model.train(), KVCache(CFG, 1))
 
 
 @pytest.mark.parametrize("prompt_len", [3, CFG.context_length, CFG.context_length + 3])

@@ -289,6 +289,9 @@ class TokenStep:
     without static shapes: `usable` says whether this model and cache are such."""
 
     def __init__(self, model: GPTModel, cache: KVCache):
+        if not self.usable(model, cache):
+            raise ValueError("TokenStep needs a model in eval mode with fused query/key/value projections "
+                             "and a cache without static shapes")
         self.cache, self.context_length = cache, model.cfg.context_length
         self.heads, self.width = model.cfg.n_heads, model.cfg.emb_dim
         self.embeddings = model.tok_emb.weight, model.pos_emb.weight
@@ -296,7 +299,7 @@ class TokenStep:
         self.layers = [(layer_norm_args(block.norm1), direct_call(block.att.W_qkv), direct_call(block.att.out_proj),
                         layer_norm_args(block.norm2), direct_call(block.ff.layers[0]), block.ff.layers[1].approximate,
                         direct_call(block.ff.layers[2]))
-                       for block in model.trf_blocks] if self.usable(model, cache) else []
+                       for block in model.trf_blocks]
 
     @staticmethod
     def usable(model: GPTModel, cache: KVCache) -> bool:
