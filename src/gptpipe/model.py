@@ -112,6 +112,12 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end], mask
 
 
+def check_fits(tokens: int, context_length: int) -> None:
+    """The model attends to at most context_length positions: refuse a longer sequence."""
+    if tokens > context_length:
+        raise ValueError(f"sequence of {tokens} tokens is longer than the context length {context_length}")
+
+
 class MultiHeadAttention(nn.Module):
     # Training with dropout: spell the attention out as the book does (softmax, then torch's
     # dropout on the weights) instead of scaled_dot_product_attention. The same numbers on the
@@ -264,9 +270,7 @@ class GPTModel(nn.Module):
             raise ValueError("explicit positions need a KVCache with static_shapes=True")
         if positions is None:
             past = 0 if cache is None else len(cache)
-            if past + idx.shape[1] > self.cfg.context_length:
-                raise ValueError(f"sequence of {past + idx.shape[1]} tokens is longer than the context "
-                                 f"length {self.cfg.context_length}")
+            check_fits(past + idx.shape[1], self.cfg.context_length)
             positions = torch.arange(past, past + idx.shape[1], device=idx.device)
             if cache is not None:
                 cache.length = past + idx.shape[1]
@@ -309,9 +313,7 @@ class TokenStep:
         """Logits (batch, vocab) after `tokens` (batch, 1), which are added to the cache."""
         cache, width = self.cache, self.width
         position = len(cache)
-        if position + 1 > self.context_length:
-            raise ValueError(f"sequence of {position + 1} tokens is longer than the context length "
-                             f"{self.context_length}")
+        check_fits(position + 1, self.context_length)
         cache.length = position + 1
         batch = tokens.shape[0]
         token_embedding, position_embedding = self.embeddings
