@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub import constants, hf_hub_download, resolve_revision, snapshot_download
 from huggingface_hub.errors import (DryRunError, EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                    LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+                                    LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+                                    RevisionResolutionError)
 from huggingface_hub.utils import filter_repo_objects
 
 from gptpipe.errors import PipelineError
@@ -101,16 +102,17 @@ def dataset_files(files: HubFiles, key: str, max_bytes: int | None) -> tuple[str
     no_match = f"no file of the repository matches {files.pattern!r}; check the path (case matters) on " \
                f"{constants.ENDPOINT}/datasets/{files.repo}/tree/{files.revision}"
     with hub_errors(where, f"{key}=hf://datasets/{files.repo}", lambda: no_match):
+        # The commit the revision names now (recorded in the cache's refs/, which answer offline),
+        # so that the size check and the download see the same files.
+        revision = resolve_revision(files.repo, repo_type="dataset", revision=files.revision)
         try:
-            planned = snapshot_download(files.repo, repo_type="dataset", revision=files.revision,
+            planned = snapshot_download(files.repo, repo_type="dataset", revision=revision,
                                         allow_patterns=files.pattern, dry_run=True)
-        except DryRunError:  # the Hub cannot be asked: the cache decides below
+        except DryRunError:  # neither the Hub nor the cache's listing of that commit: the cache decides below
             planned = None
-        revision = files.revision
         if planned is not None:
             if not planned:
                 raise PipelineError(f"{where}: {no_match}")
-            revision = planned[0].commit_hash
             total = sum(info.file_size or 0 for info in planned)
             if max_bytes is not None and total > max_bytes:
                 raise PipelineError(f"{where}: its {len(planned)} file(s) hold {total:,} bytes, more than "
@@ -175,7 +177,7 @@ def hub_errors(where: str, param: str, missing_file: Callable[[], str], not_foun
     is missing when the Hub has no such file, `not_found` adds to a missing repository's message."""
     try:
         yield
-    except LocalEntryNotFoundError:
+    except (LocalEntryNotFoundError, RevisionResolutionError):
         if constants.HF_HUB_OFFLINE:
             raise PipelineError(f"{where} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
                                 f"HF_HUB_OFFLINE is set: run once with network (HF_HUB_OFFLINE unset), or set "
