@@ -11,7 +11,7 @@ from gptpipe.errors import PipelineError
 from gptpipe.generate import beam_search, generate, next_logits, next_token
 from gptpipe.model import GPTConfig, GPTModel, KVCache, TokenStep
 from gptpipe.params import load_params
-from gptpipe.quantize import to_int8
+from gptpipe.quantize import prepare_for_decoding
 
 CFG = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 
@@ -111,10 +111,7 @@ def test_static_shape_cache_equals_the_cache_of_filled_positions(model):
 @pytest.mark.parametrize("mode", ["fp32", "int8", "bf16 autocast"])
 @torch.inference_mode()
 def test_token_step_gives_the_forwards_logits_and_cache_bit_for_bit(model, mode):
-    model.eval()
-    model.fuse_qkv()
-    if mode == "int8":
-        to_int8(model)
+    model = prepare_for_decoding(model.eval(), "int8" if mode == "int8" else "none", torch.device("cpu"))
     dtype = torch.bfloat16 if mode == "bf16 autocast" else torch.float32
     idx = torch.randint(0, CFG.vocab_size, (2, CFG.context_length), generator=torch.Generator().manual_seed(3))
     by_forward, by_step = KVCache(CFG, 2, dtype), KVCache(CFG, 2, dtype)
@@ -309,18 +306,22 @@ def test_int8_decoding_writes_valid_text_close_to_fp32(tmp_path):
 
 @torch.no_grad()
 def test_fp32_decoding_with_fused_projections_gives_the_same_tokens(model):
-    from gptpipe.quantize import prepare_for_decoding
     prompts = torch.randint(0, CFG.vocab_size, (4, 3), generator=torch.Generator().manual_seed(3))
     expected, logits = generate(model, prompts, 2 * CFG.context_length), model.eval()(prompts)
     fused = prepare_for_decoding(copy.deepcopy(model), "none", torch.device("cpu"))
     attention = fused.trf_blocks[0].att
     assert attention.W_qkv is not None and not hasattr(attention, "W_query")
+    # The products with more outputs than inputs keep their weights as [in, out], the others as trained.
+    wide = [attention.W_qkv.weight, fused.trf_blocks[0].ff.layers[0].weight, fused.out_head.weight]
+    narrow = [attention.out_proj.weight, fused.trf_blocks[0].ff.layers[2].weight]
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in wide)
+    assert all(w.is_contiguous() for w in narrow)
+    assert torch.equal(fused.out_head.weight, model.out_head.weight)
     torch.testing.assert_close(fused(prompts), logits, rtol=1e-6, atol=1e-6)
     assert torch.equal(generate(fused, prompts, 2 * CFG.context_length), expected)
 
 
 def test_int8_decoding_agrees_with_fp32_on_most_greedy_tokens(model):
-    from gptpipe.quantize import prepare_for_decoding
     prompts = torch.randint(0, CFG.vocab_size, (8, 3), generator=torch.Generator().manual_seed(2))
     expected = generate(model, prompts, 6)
     quantized = prepare_for_decoding(model, "int8", torch.device("cpu"))

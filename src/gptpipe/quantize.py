@@ -67,15 +67,33 @@ def to_int8(module: torch.nn.Module) -> None:
         list(pool.map(replace, places))
 
 
+def store_wide_weights_transposed(module: torch.nn.Module) -> None:
+    """Keep each Linear weight inside `module` that has more outputs than inputs (the fused
+    query-key-value projection, the first feed-forward layer, the output head) in memory as
+    [in, out], the same values seen through a transposed view. A one-token product x @ W.T then
+    runs as MKL's product over W.T's rows, which lie contiguous along the long side, instead of
+    one short dot product per output: on 2 cores of the development machine the head took 3.3 ms
+    instead of 4.1 ms, the first feed-forward layer 230 µs instead of 266 µs, while the narrow
+    products gained nothing (bench/README.md). Each dot product's terms are summed in another order."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear) and layer.out_features > layer.in_features:
+                layer.weight.data = layer.weight.data.t().contiguous().t()
+
+
 def prepare_for_decoding(model: GPTModel, quantize: str, device: torch.device) -> torch.nn.Module:
-    """`model` as the sample stage decodes with it, changed in place: on the CPU with the query,
-    key and value projections fused (fp32 computes the same dot products, so the same tokens),
-    and for `quantize` int8 with int8 linear layers (CPU only)."""
+    """`model` as the sample stage decodes with it, changed in place. On the CPU: the query, key
+    and value projections fused, then for `quantize` int8 every linear layer in int8, and
+    otherwise the wide products' weights stored transposed (store_wide_weights_transposed).
+    fp32 computes the same dot products, summed in another order: the same greedy tokens on the
+    book's model and on the tests' models, logits within 1e-6 of the model's own."""
     if quantize != "none" and device.type != "cpu":
         raise PipelineError(f"sample.quantize: {quantize} runs on the CPU's int8 kernels, and the model is on "
                             f"{device}: set sample.quantize to none, or train.device to cpu")
     if device.type == "cpu":
         model.fuse_qkv()
-    if quantize == "int8":
-        to_int8(model)
+        if quantize == "int8":
+            to_int8(model)
+        else:
+            store_wide_weights_transposed(model)
     return model
