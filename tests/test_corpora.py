@@ -328,6 +328,24 @@ def test_hub_failures_are_one_line_naming_repo_revision_and_cause(shards, tmp_pa
     assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
 
 
+def test_an_unreachable_hub_without_offline_mode_uses_the_cache_or_says_what_to_do(shards, tmp_path):
+    """No network and HF_HUB_OFFLINE unset (a laptop on a train): the cache answers for a
+    branch it has seen, and without it the error names the Hub, the cache and both fixes."""
+    params = write_params(tmp_path / "params.yaml", {"data": {"url": "hf://datasets/test-org/stories/data/*",
+                                                              "sha256": None}})
+    with standin_hub(hub_repos(shards[0])) as endpoint:
+        assert run_download(params, tmp_path / "online", tmp_path / "hf", HF_ENDPOINT=endpoint).returncode == 0
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused
+    result = run_download(params, tmp_path / "cached", tmp_path / "hf", HF_ENDPOINT=closed)
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(tmp_path / "cached") == read_manifest(tmp_path / "online")
+
+    result = run_download(params, tmp_path / "raw", tmp_path / "empty", HF_ENDPOINT=closed)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "is unreachable" in last and "set HF_HOME to a cache that holds them" in last, result.stderr
+
+
 def test_offline_without_the_files_in_the_cache_says_so(tmp_path):
     params = write_params(tmp_path / "params.yaml", {"data": {"url": "hf://datasets/test-org/stories/data/*",
                                                               "sha256": None}})
