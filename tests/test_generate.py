@@ -11,7 +11,7 @@ from gptpipe.errors import PipelineError
 from gptpipe.generate import beam_search, generate, next_logits, next_token
 from gptpipe.model import GPTConfig, GPTModel, KVCache, TokenStep
 from gptpipe.params import load_params
-from gptpipe.quantize import prepare_for_decoding
+from gptpipe.quantize import prepare_for_decoding, transposed_copy
 
 CFG = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 
@@ -302,6 +302,12 @@ def test_int8_decoding_writes_valid_text_close_to_fp32(tmp_path):
     int8 = run_sample_stage(tmp_path, max_new_tokens=8, temperature=0, quantize="int8")
     assert int8.startswith("Every effort moves you") and len(int8) > len("Every effort moves you")
     assert fp32.startswith("Every effort moves you")
+
+
+def test_a_transposed_copy_made_in_pieces_equals_torchs():
+    matrix = torch.randn(131, 7)  # pieces of 64 rows: two whole, one of 3
+    transposed = transposed_copy(matrix)
+    assert transposed.is_contiguous() and torch.equal(transposed, matrix.t().contiguous())
 
 
 @torch.no_grad()

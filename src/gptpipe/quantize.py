@@ -75,12 +75,22 @@ def store_wide_weights_transposed(module: torch.nn.Module) -> None:
     one short dot product per output. On 2 cores of the development machine, a token's products
     in order over the 124M model's weights (cold: 650 MB is more than its L3) took 20.7 ms
     instead of 22.8, the head 5.4 instead of 6.7; the narrow products gained nothing
-    (bench/README.md). The copy takes ~0.24 s for the 124M model; each dot product's terms are
+    (bench/README.md). The copies take 0.12 s for the 124M model; each dot product's terms are
     then summed in another order."""
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, torch.nn.Linear) and layer.out_features > layer.in_features:
-                layer.weight.data = layer.weight.data.t().contiguous().t()
+                layer.weight.data = transposed_copy(layer.weight.data).t()
+
+
+def transposed_copy(matrix: torch.Tensor, rows: int = 64) -> torch.Tensor:
+    """matrix.t().contiguous(), copied `rows` rows at a time so that each piece's writes stay in
+    the caches: torch copies a transposed matrix in one pass across the whole destination, 112 ms
+    for the 50,257 x 768 head on the development machine, against 69 ms so."""
+    out = matrix.new_empty(matrix.shape[1], matrix.shape[0])
+    for start in range(0, matrix.shape[0], rows):
+        out[:, start:start + rows].copy_(matrix[start:start + rows].t())
+    return out
 
 
 def prepare_for_decoding(model: GPTModel, quantize: str, device: torch.device) -> torch.nn.Module:
