@@ -99,7 +99,7 @@ def prepare_for_decoding(model: GPTModel, quantize: str, device: torch.device) -
     otherwise the wide products' weights stored transposed (store_wide_weights_transposed).
     fp32 computes the same dot products, summed in another order: the same greedy tokens on the
     book's model and on the tests' models, logits within 2e-6 of the model's own (the 124M model
-    after one step, the book's prompt: 1.9e-6 on logits up to 5.8).
+    after one step, the book's prompt: 1.9e-6 on logits up to 5.8)."""
     if quantize != "none" and device.type != "cpu":
         raise PipelineError(f"sample.quantize: {quantize} runs on the CPU's int8 kernels, and the model is on "
                             f"{device}: set sample.quantize to none, or train.device to cpu")
