@@ -7,7 +7,8 @@ the parameters are initialised to the same values (nn.Linear and nn.Embedding de
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -82,14 +83,6 @@ class KVCache:
 
     def clear(self) -> None:
         self.length = 0  # stale entries are masked until overwritten
-
-    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the keys and values (batch, heads, head_dim) of the one position len(cache) - 1
-        (TokenStep has counted it in already); return those of every position so far."""
-        end = self.length
-        self.keys[layer, :, :, end - 1] = keys
-        self.values[layer, :, :, end - 1] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the batch rows `index` (repeats allowed): beam search's surviving beams."""
@@ -284,61 +277,97 @@ class GPTModel(nn.Module):
 
 
 class TokenStep:
-    """The model's forward for one new token per row at position len(cache), its ops called
-    directly on tensors and layers looked up once, instead of through the modules: decoding on
-    the CPU runs ~15 small ops a layer per token, and the Python around them (module calls,
-    attribute lookups) cost a tenth of an int8 token (bench/README.md "Generation"). Gives
-    what forward(tokens, cache)[:, -1] gives, bit for bit (tests/test_generate.py). Made for a
-    model in eval mode with fused query/key/value projections (GPTModel.fuse_qkv) and a cache
-    without static shapes: `usable` says whether this model and cache are such."""
+    """The model's forward for one new token per row at position len(cache), as one TorchScript
+    function (decode_token) over the model's tensors, looked up once. Decoding on the CPU runs
+    ~15 small ops a layer per token; called from Python each op pays for the interpreter and
+    the parsing of its arguments, and the time between products was a tenth of an fp32 token and
+    a quarter of an int8 one. From TorchScript's interpreter a token took 5% less in fp32 and 17%
+    less in int8 on the development machine (bench/README.md "Against llama.cpp"). Gives what
+    forward(tokens, cache)[:, -1] gives, bit for bit (tests/test_generate.py). Made for a model
+    in eval mode on the CPU with fused query/key/value projections (GPTModel.fuse_qkv), a cache
+    without static shapes, and no autocast, which TorchScript does not apply: `usable` says
+    whether this model and cache are such, now."""
 
     def __init__(self, model: GPTModel, cache: KVCache):
         if not self.usable(model, cache):
-            raise ValueError("TokenStep needs a model in eval mode with fused query/key/value projections "
-                             "and a cache without static shapes")
-        self.cache, self.context_length = cache, model.cfg.context_length
-        self.heads, self.width = model.cfg.n_heads, model.cfg.emb_dim
+            raise ValueError("TokenStep needs a model in eval mode on the CPU with fused query/key/value "
+                             "projections, a cache without static shapes, and no autocast")
+        self.cache, self.context_length, self.heads = cache, model.cfg.context_length, model.cfg.n_heads
         self.embeddings = model.tok_emb.weight, model.pos_emb.weight
-        self.final_norm, self.out_head = layer_norm_args(model.final_norm), direct_call(model.out_head)
-        self.layers = [(layer_norm_args(block.norm1), direct_call(block.att.W_qkv), direct_call(block.att.out_proj),
-                        layer_norm_args(block.norm2), direct_call(block.ff.layers[0]), block.ff.layers[1].approximate,
-                        direct_call(block.ff.layers[2]))
-                       for block in model.trf_blocks]
+        blocks = model.trf_blocks
+        norms = [norm for block in blocks for norm in (block.norm1, block.norm2)] + [model.final_norm]
+        self.norms = [tensor for norm in norms for tensor in (norm.weight, norm.bias)]
+        self.eps, self.gelu = model.final_norm.eps, blocks[0].ff.layers[1].approximate
+        linears = [layer for block in blocks
+                   for layer in (block.att.W_qkv, block.att.out_proj, block.ff.layers[0], block.ff.layers[2])]
+        linears.append(model.out_head)
+        if hasattr(model.out_head, "packed"):  # quantize.Int8Linear
+            self.weights, self.biases, self.packed = [], [], [layer.packed for layer in linears]
+        else:
+            self.weights, self.biases, self.packed = [lin.weight for lin in linears], [lin.bias for lin in linears], []
 
     @staticmethod
     def usable(model: GPTModel, cache: KVCache) -> bool:
-        return not model.training and not cache.static_shapes and model.trf_blocks[0].att.W_qkv is not None
+        return (not model.training and not cache.static_shapes and model.trf_blocks[0].att.W_qkv is not None
+                and cache.keys.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, vocab) after `tokens` (batch, 1), which are added to the cache."""
-        cache, width = self.cache, self.width
+        cache = self.cache
         position = len(cache)
         check_fits(position + 1, self.context_length)
         cache.length = position + 1
-        batch = tokens.shape[0]
-        token_embedding, position_embedding = self.embeddings
-        x = token_embedding[tokens] + position_embedding[position]  # (batch, 1, emb)
-        for layer, (norm1, qkv, out_proj, norm2, up, gelu, down) in enumerate(self.layers):
-            q, k, v = qkv(F.layer_norm(x, *norm1)).view(batch, 3, self.heads, -1).unbind(1)  # (batch, heads, head_dim)
-            keys, values = cache.append(layer, k, v)
-            attended = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values)
-            x = x + out_proj(attended.view(batch, 1, width))
-            x = x + down(F.gelu(up(F.layer_norm(x, *norm2)), approximate=gelu))
-        return self.out_head(F.layer_norm(x, *self.final_norm))[:, -1]
+        return scripted_decode_token()(tokens, position, *self.embeddings, self.norms, self.eps, self.weights,
+                                       self.biases, self.packed, self.gelu, cache.keys, cache.values, self.heads)
 
 
-def layer_norm_args(norm: nn.LayerNorm) -> tuple:
-    """F.layer_norm's arguments after the input, for `norm`: its parameters looked up once (each
-    lookup of a module's parameter goes through nn.Module.__getattr__, after a failed attribute
-    lookup that formats an error message)."""
-    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
+def decode_token(tokens: torch.Tensor, position: int, token_embedding: torch.Tensor,
+                 position_embedding: torch.Tensor, norms: list[torch.Tensor], eps: float,
+                 weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                 packed: list[torch.classes.quantized.LinearPackedParamsBase], gelu: str,
+                 keys: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
+    """GPTModel's forward for `tokens` (batch, 1) at `position`, its keys and values written into
+    `keys` and `values` (KVCache's buffers); returns the logits (batch, vocab). The layer norms'
+    weights and biases in `norms` as pairs, two per layer and the final norm's; the linear
+    layers' in `weights` and `biases`, four per layer (fused query/key/value, out-projection,
+    the two feed-forward layers) and the output head, or in `packed` for int8 (Int8Linear)."""
+    batch, width = tokens.shape[0], token_embedding.shape[1]
+    x = token_embedding[tokens] + position_embedding[position]  # (batch, 1, width)
+    for layer in range(keys.shape[0]):
+        qkv = project(normed(x, norms, 2 * layer, eps), 4 * layer, weights, biases, packed)
+        q, k, v = qkv.view(batch, 3, heads, -1).unbind(1)  # (batch, heads, head_dim)
+        keys[layer, :, :, position] = k
+        values[layer, :, :, position] = v
+        attended = F.scaled_dot_product_attention(q.unsqueeze(2), keys[layer, :, :, :position + 1],
+                                                  values[layer, :, :, :position + 1])
+        x = x + project(attended.view(batch, 1, width), 4 * layer + 1, weights, biases, packed)
+        up = project(normed(x, norms, 2 * layer + 1, eps), 4 * layer + 2, weights, biases, packed)
+        x = x + project(F.gelu(up, approximate=gelu), 4 * layer + 3, weights, biases, packed)
+    return project(normed(x, norms, 2 * keys.shape[0], eps), 4 * keys.shape[0], weights, biases, packed)[:, -1]
 
 
-def direct_call(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`layer` as a function, without nn.Module's call and, for nn.Linear, its parameter lookups."""
-    if type(layer) is nn.Linear:
-        return functools.partial(F.linear, weight=layer.weight, bias=layer.bias)
-    return layer.forward
+def normed(x: torch.Tensor, norms: list[torch.Tensor], norm: int, eps: float) -> torch.Tensor:
+    """Layer norm number `norm` of decode_token's `norms` applied to `x`."""
+    return F.layer_norm(x, [x.shape[-1]], norms[2 * norm], norms[2 * norm + 1], eps)
+
+
+def project(x: torch.Tensor, layer: int, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+            packed: list[torch.classes.quantized.LinearPackedParamsBase]) -> torch.Tensor:
+    """Linear layer number `layer` of decode_token's weights applied to `x`."""
+    if len(packed) > 0:  # as Int8Linear.forward computes it
+        return torch.ops.quantized.linear_dynamic(x, packed[layer], True)
+    return F.linear(x, weights[layer], biases[layer])
+
+
+@functools.cache
+def scripted_decode_token() -> torch.jit.ScriptFunction:
+    """decode_token compiled by TorchScript, once per process (a few milliseconds). TorchScript is
+    marked deprecated in the torch this project pins (2.13), in favour of torch.compile, whose
+    compilation of a decoding step took longer than a sample stage's whole run, and decoded
+    slower (bench/README.md)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.script(decode_token)
 
 
 @contextlib.contextmanager
