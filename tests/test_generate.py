@@ -108,19 +108,25 @@ def test_static_shape_cache_equals_the_cache_of_filled_positions(model):
         model(idx[:, :1], KVCache(CFG, 2), positions=torch.tensor([0]))
 
 
+# GPT-2's width: kernels may sum a product's terms in another order at some sizes only
+WIDE = GPTConfig(vocab_size=300, context_length=4, emb_dim=768, n_heads=12, n_layers=1, drop_rate=0.0)
+
+
 @pytest.mark.parametrize("mode", ["none", "int8"])
+@pytest.mark.parametrize("cfg", [CFG, WIDE], ids=["tiny", "gpt2-wide"])
 @torch.inference_mode()
-def test_token_step_gives_the_forwards_logits_and_cache_bit_for_bit(model, mode):
-    model = prepare_for_decoding(model.eval(), mode, torch.device("cpu"))
-    idx = torch.randint(0, CFG.vocab_size, (2, CFG.context_length), generator=torch.Generator().manual_seed(3))
-    by_forward, by_step = KVCache(CFG, 2), KVCache(CFG, 2)
+def test_token_step_gives_the_forwards_logits_and_cache_bit_for_bit(mode, cfg):
+    torch.manual_seed(0)
+    model = prepare_for_decoding(GPTModel(cfg).eval(), mode, torch.device("cpu"))
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.context_length), generator=torch.Generator().manual_seed(3))
+    by_forward, by_step = KVCache(cfg, 2), KVCache(cfg, 2)
     step = TokenStep(model, by_step)
-    for t in range(CFG.context_length):
+    for t in range(cfg.context_length):
         expected = model(idx[:, t:t + 1], by_forward)[:, -1]
         assert torch.equal(step(idx[:, t:t + 1]), expected)
     with pytest.raises(ValueError, match="longer than the context length"):
         step(idx[:, :1])
-    assert len(by_step) == len(by_forward) == CFG.context_length
+    assert len(by_step) == len(by_forward) == cfg.context_length
     assert torch.equal(by_step.keys, by_forward.keys) and torch.equal(by_step.values, by_forward.values)
 
 
