@@ -279,10 +279,11 @@ class GPTModel(nn.Module):
 class TokenStep:
     """The model's forward for one new token per row at position len(cache), as one TorchScript
     function (decode_token) over the model's tensors, looked up once. Decoding on the CPU runs
-    ~15 small ops a layer per token; called from Python each op pays for the interpreter and
-    the parsing of its arguments, and the time between products was a tenth of an fp32 token and
-    a quarter of an int8 one. From TorchScript's interpreter a token took 5% less in fp32 and 17%
-    less in int8 on the development machine (bench/README.md "Against llama.cpp"). Gives what
+    ~15 small ops a layer per token, and each product before them has streamed megabytes of
+    weights through the caches, so an op costs about what code and data it must fetch again:
+    called from Python, the time between products was a tenth of an fp32 token and a quarter of
+    an int8 one. From TorchScript's interpreter a token took 3-5% less in fp32 and 17-23% less
+    in int8 on the development machine (bench/README.md "Against llama.cpp"). Gives what
     forward(tokens, cache)[:, -1] gives, bit for bit (tests/test_generate.py). Made for a model
     in eval mode on the CPU with fused query/key/value projections (GPTModel.fuse_qkv), a cache
     without static shapes, and no autocast, which TorchScript does not apply: `usable` says

@@ -74,8 +74,8 @@ def store_wide_weights_transposed(module: torch.nn.Module) -> None:
     [in, out], the same values seen through a transposed view. A one-token product x @ W.T then
     runs as MKL's product over W.T's rows, which lie contiguous along the long side, instead of
     one short dot product per output. On 2 cores of the development machine, a token's products
-    in order over the 124M model's weights (cold: 650 MB is more than its L3) took 20.7 ms
-    instead of 22.8, the head 5.4 instead of 6.7; the narrow products gained nothing
+    in order over the 124M model's weights (cold: the 493 MB they read is more than its L3) took
+    20.7 ms instead of 22.8, the head 5.4 instead of 6.7; the narrow products gained nothing
     (bench/README.md). The copies take 0.12 s for the 124M model; each dot product's terms are
     then summed in another order."""
     with torch.no_grad():
