@@ -362,10 +362,11 @@ def project(x: torch.Tensor, layer: int, weights: list[torch.Tensor], biases: li
 
 @functools.cache
 def scripted_decode_token() -> torch.jit.ScriptFunction:
-    """decode_token compiled by TorchScript, once per process (a few milliseconds). TorchScript is
-    marked deprecated in the torch this project pins (2.13), in favour of torch.compile, whose
-    compilation of a decoding step took longer than a sample stage's whole run, and decoded
-    slower (bench/README.md)."""
+    """decode_token compiled by TorchScript, once per process (12-23 ms on the development
+    machine, and its first call ~30 ms more than the next ones). TorchScript is marked deprecated
+    in the torch this project pins (2.13), in favour of torch.compile, whose compilation of a
+    decoding step took longer than a sample stage's whole run, and decoded slower
+    (bench/README.md)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.script(decode_token)
