@@ -357,9 +357,16 @@ def normed(x: torch.Tensor, norms: list[torch.Tensor], norm: int, eps: float) ->
 def project(x: torch.Tensor, layer: int, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
             packed: list[torch.classes.quantized.LinearPackedParamsBase]) -> torch.Tensor:
     """Linear layer number `layer` of decode_token's weights applied to `x`."""
-    if len(packed) > 0:  # as Int8Linear.forward computes it
-        return torch.ops.quantized.linear_dynamic(x, packed[layer], True)
+    if len(packed) > 0:
+        return int8_linear(x, packed[layer])
     return F.linear(x, weights[layer], biases[layer])
+
+
+def int8_linear(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
+    """x times an int8 weight packed for fbgemm (quantize.Int8Linear), the activations quantized on
+    the fly; reduce_range: 7-bit activations, so that AVX2's 16-bit sums of u8 x s8 pairs cannot
+    saturate."""
+    return torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
 @functools.cache

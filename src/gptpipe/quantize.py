@@ -23,7 +23,7 @@ import torch
 
 from gptpipe.cli import available_cpus
 from gptpipe.errors import PipelineError
-from gptpipe.model import GPTModel
+from gptpipe.model import GPTModel, int8_linear
 
 
 class Int8Linear(torch.nn.Module):
@@ -47,8 +47,7 @@ class Int8Linear(torch.nn.Module):
         # __torch_function__, which it answers by raising and catching a C++ exception, every call
         # (a third of a small product's time). With torch functions off the op is not asked.
         with torch._C.DisableTorchFunctionSubclass():
-            # reduce_range: 7-bit activations, so that AVX2's 16-bit sums of u8 x s8 pairs cannot saturate
-            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+            return int8_linear(x, self.packed)
 
 
 def to_int8(module: torch.nn.Module) -> None:
